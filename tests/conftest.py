@@ -1,0 +1,106 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import auth
+from server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCESS_SECRET = "test-access-secret-0123456789abcdef"
+REFRESH_SECRET = "test-refresh-secret-0123456789abcdef"
+TEST_CONFIG = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
+DEMO = {"email": "demo@example.com", "password": "demo-password"}
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(monkeypatch):
+    """Hash cheaply in tests; test_auth checks the real parameters once."""
+    monkeypatch.setattr(auth, "PASSWORD_HASH_METHOD", "scrypt:1024:8:1")
+
+
+@pytest.fixture
+def app():
+    return create_app(TEST_CONFIG)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class AuthActions:
+    """The calls a client makes, so each test reads as the story it tells."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def login(self, email=DEMO["email"], password=DEMO["password"], **kwargs):
+        return self._client.post("/login", json={"email": email, "password": password}, **kwargs)
+
+    def tokens(self):
+        response = self.login()
+        assert response.status_code == 200, response.json
+        return response.json
+
+    def refresh(self, refresh_token):
+        return self._client.post("/token", json={"refreshToken": refresh_token})
+
+    def logout(self, refresh_token, access_token=None):
+        headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
+        return self._client.post("/logout", json={"refreshToken": refresh_token}, headers=headers)
+
+    def me(self, access_token):
+        return self._client.get("/me", headers={"Authorization": f"Bearer {access_token}"})
+
+
+@pytest.fixture
+def auth_actions(client):
+    return AuthActions(client)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, process, timeout=15.0):
+    """Wait until the server accepts connections (start-up, not token expiry)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on port {port}")
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """Start `python server.py` as a user would, with no settings, on a free port."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
+    env["PORT"] = str(port)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()

@@ -1,0 +1,474 @@
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jwt
+import pytest
+import time_machine
+
+from server import ConfigError, create_app, load_settings
+
+from .conftest import (
+    ACCESS_SECRET,
+    DEMO,
+    REFRESH_SECRET,
+    ROOT,
+    TEST_CONFIG,
+    free_port,
+    wait_for_port,
+)
+
+LOG = logging.getLogger("test")
+TOKEN_FIELDS = {"accessToken", "refreshToken", "tokenType", "expiresIn"}
+INVALID_CREDENTIALS = {
+    "error": "invalid_credentials",
+    "message": "The email or password is incorrect.",
+}
+
+
+# --- login ---------------------------------------------------------------------------------
+
+
+def test_login_returns_both_tokens(auth_actions):
+    response = auth_actions.login()
+    assert response.status_code == 200
+    assert response.json.keys() == TOKEN_FIELDS
+    assert response.json["tokenType"] == "Bearer"
+    assert response.json["expiresIn"] == 900
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_expires_in_follows_the_setting(client):
+    app = create_app(TEST_CONFIG | {"ACCESS_TOKEN_TTL": "60"})
+    response = app.test_client().post("/login", json=DEMO)
+    assert response.json["expiresIn"] == 60
+    claims = jwt.decode(response.json["accessToken"], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 60
+
+
+def test_refresh_token_lifetime_follows_the_setting(auth_actions):
+    claims = jwt.decode(auth_actions.tokens()["refreshToken"], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 1_209_600
+
+
+@pytest.mark.parametrize(
+    "email, password",
+    [("demo@example.com", "wrong-password"), ("nobody@example.com", "demo-password")],
+)
+def test_wrong_password_and_unknown_email_look_the_same(auth_actions, email, password):
+    response = auth_actions.login(email, password)
+    assert response.status_code == 401
+    assert response.json == INVALID_CREDENTIALS
+
+
+def test_email_is_case_insensitive(auth_actions):
+    assert auth_actions.login("DEMO@Example.COM").status_code == 200
+
+
+def test_two_logins_in_one_second_get_distinct_tokens(auth_actions):
+    with time_machine.travel(time.time(), tick=False):
+        first, second = auth_actions.tokens(), auth_actions.tokens()
+    assert first["refreshToken"] != second["refreshToken"]
+    assert first["accessToken"] != second["accessToken"]
+    auth_actions.logout(first["refreshToken"])
+    assert auth_actions.refresh(second["refreshToken"]).status_code == 200
+
+
+# --- /token --------------------------------------------------------------------------------
+
+
+def test_refresh_returns_a_new_pair_and_spends_the_old_token(auth_actions):
+    tokens = auth_actions.tokens()
+    response = auth_actions.refresh(tokens["refreshToken"])
+    assert response.status_code == 200
+    assert response.json.keys() == TOKEN_FIELDS
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.json["refreshToken"] != tokens["refreshToken"]
+    assert auth_actions.me(response.json["accessToken"]).status_code == 200
+    assert auth_actions.refresh(tokens["refreshToken"]).status_code == 403
+
+
+def test_unknown_refresh_token_is_refused(auth_actions):
+    # Same secrets, but issued by another process: its session is not in this store.
+    other = create_app(TEST_CONFIG).test_client().post("/login", json=DEMO).json
+    response = auth_actions.refresh(other["refreshToken"])
+    assert response.status_code == 403
+    assert response.json == {
+        "error": "invalid_refresh_token",
+        "message": "This refresh token's session has ended. Log in again.",
+    }
+
+
+def test_logged_out_refresh_token_is_refused(auth_actions):
+    tokens = auth_actions.tokens()
+    auth_actions.logout(tokens["refreshToken"])
+    assert auth_actions.refresh(tokens["refreshToken"]).status_code == 403
+
+
+def test_expired_refresh_token_is_refused(auth_actions):
+    tokens = auth_actions.tokens()
+    with time_machine.travel(time.time() + 1_209_600 + 60):
+        response = auth_actions.refresh(tokens["refreshToken"])
+    assert response.status_code == 403
+    assert response.json["message"] == (
+        "The refresh token is not valid: Signature has expired. Log in again."
+    )
+
+
+@pytest.mark.parametrize(
+    "token", ["not-a-jwt", "a.b.c", "", "eyJhbGciOiJIUzI1NiJ9.e30.c2ln"], ids=repr
+)
+def test_malformed_refresh_token_is_refused(auth_actions, token):
+    response = auth_actions.refresh(token)
+    assert response.status_code == 403
+    assert response.json["error"] == "invalid_refresh_token"
+
+
+def test_badly_signed_refresh_token_is_refused(auth_actions):
+    claims = jwt.decode(auth_actions.tokens()["refreshToken"], options={"verify_signature": False})
+    forged = jwt.encode(claims, "x" * 32 + "-not-our-secret", headers={"typ": "rt+jwt"})
+    response = auth_actions.refresh(forged)
+    assert response.status_code == 403
+    assert response.json["message"] == (
+        "The refresh token is not valid: Signature verification failed. Log in again."
+    )
+
+
+# --- /logout -------------------------------------------------------------------------------
+
+
+def test_logout_ends_the_session(auth_actions):
+    tokens = auth_actions.tokens()
+    response = auth_actions.logout(tokens["refreshToken"])
+    assert response.status_code == 204
+    assert response.data == b""
+    assert auth_actions.refresh(tokens["refreshToken"]).status_code == 403
+
+
+@pytest.mark.parametrize("token", ["never-issued", "a.b.c"])
+def test_logout_is_idempotent_for_unknown_tokens(auth_actions, token):
+    assert auth_actions.logout(token).status_code == 204
+
+
+def test_logout_twice(auth_actions):
+    tokens = auth_actions.tokens()
+    assert auth_actions.logout(tokens["refreshToken"]).status_code == 204
+    assert auth_actions.logout(tokens["refreshToken"]).status_code == 204
+
+
+# --- /me -----------------------------------------------------------------------------------
+
+
+def test_me_returns_the_user(auth_actions):
+    response = auth_actions.me(auth_actions.tokens()["accessToken"])
+    assert response.status_code == 200
+    assert response.json == {"id": "1", "email": "demo@example.com"}
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwdw=="])
+def test_me_without_a_bearer_token_gets_the_challenge(client, header):
+    response = client.get("/me", headers={"Authorization": header} if header is not None else {})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert response.json == {
+        "error": "missing_token",
+        "message": "Send an access token in the 'Authorization: Bearer <token>' header.",
+    }
+
+
+def test_me_with_a_bad_token(auth_actions):
+    response = auth_actions.me("not-a-token")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert response.json == {
+        "error": "invalid_token",
+        "message": "The access token is not valid: Not enough segments. "
+        "Log in or refresh to get a new one.",
+    }
+
+
+def test_me_with_an_expired_token(auth_actions):
+    access = auth_actions.tokens()["accessToken"]
+    with time_machine.travel(time.time() + 901 + 5):
+        response = auth_actions.me(access)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert "Signature has expired" in response.json["message"]
+
+
+def test_bearer_scheme_is_case_insensitive(auth_actions, client):
+    access = auth_actions.tokens()["accessToken"]
+    assert client.get("/me", headers={"Authorization": f"bearer {access}"}).status_code == 200
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+TOO_LARGE = json.dumps({"email": "x" * 70_000, "password": "p"})
+
+
+@pytest.mark.parametrize("path", ["/login", "/token", "/logout"])
+@pytest.mark.parametrize(
+    "data, content_type, status, body",
+    [
+        (
+            "{not json",
+            "application/json",
+            400,
+            {"error": "invalid_json", "message": "The request body is not valid JSON."},
+        ),
+        (
+            "[1, 2]",
+            "application/json",
+            400,
+            {"error": "invalid_body", "message": "The request body must be a JSON object."},
+        ),
+        (
+            "null",
+            "application/json",
+            400,
+            {"error": "invalid_body", "message": "The request body must be a JSON object."},
+        ),
+        (
+            "email=a&password=b",
+            "application/x-www-form-urlencoded",
+            415,
+            {
+                "error": "unsupported_media_type",
+                "message": "Send a JSON body with 'Content-Type: application/json'.",
+            },
+        ),
+        (
+            TOO_LARGE,
+            "application/json",
+            413,
+            {
+                "error": "request_entity_too_large",
+                "message": "The data value transmitted exceeds the capacity limit.",
+            },
+        ),
+    ],
+    ids=["malformed", "array", "null", "form", "too-large"],
+)
+def test_bad_bodies(client, path, data, content_type, status, body):
+    response = client.post(path, data=data, content_type=content_type)
+    assert (response.status_code, response.json) == (status, body)
+
+
+@pytest.mark.parametrize(
+    "path, payload, field",
+    [
+        ("/login", {"password": "demo-password"}, "email"),
+        ("/login", {"email": "demo@example.com"}, "password"),
+        ("/login", {"email": 7, "password": "demo-password"}, "email"),
+        ("/login", {"email": "demo@example.com", "password": None}, "password"),
+        ("/token", {}, "refreshToken"),
+        ("/token", {"refreshToken": ["a"]}, "refreshToken"),
+        ("/logout", {}, "refreshToken"),
+        ("/logout", {"refreshToken": {"a": 1}}, "refreshToken"),
+    ],
+)
+def test_missing_or_non_string_fields(client, path, payload, field):
+    response = client.post(path, json=payload)
+    assert response.status_code == 400
+    assert response.json == {
+        "error": "invalid_field",
+        "message": f"The field '{field}' must be a string.",
+    }
+
+
+def test_unknown_route_is_json_404(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json["error"] == "not_found"
+
+
+@pytest.mark.parametrize("method, path", [("get", "/login"), ("delete", "/token"), ("post", "/me")])
+def test_wrong_method_is_json_405(client, method, path):
+    response = getattr(client, method)(path)
+    assert response.status_code == 405
+    assert response.json == {
+        "error": "method_not_allowed",
+        "message": "The method is not allowed for the requested URL.",
+    }
+    assert "Allow" in response.headers
+
+
+# --- settings ------------------------------------------------------------------------------
+
+PRODUCTION = {
+    "APP_ENV": "production",
+    "ACCESS_TOKEN_SECRET": ACCESS_SECRET,
+    "REFRESH_TOKEN_SECRET": REFRESH_SECRET,
+}
+
+
+def test_defaults():
+    settings = load_settings({}, LOG)
+    assert settings["APP_ENV"] == "development"
+    assert (settings["ACCESS_TOKEN_TTL"], settings["REFRESH_TOKEN_TTL"]) == (900, 1_209_600)
+    assert (settings["HOST"], settings["PORT"]) == ("127.0.0.1", 3000)
+    assert settings["DEMO_USER_EMAIL"] == "demo@example.com"
+    assert settings["DEMO_USER_PASSWORD"] == "demo-password"
+    assert settings["ACCESS_TOKEN_SECRET"] != settings["REFRESH_TOKEN_SECRET"]
+    assert len(settings["ACCESS_TOKEN_SECRET"]) >= 32
+
+
+def test_development_warns_about_random_secrets(caplog):
+    load_settings({}, LOG)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("ACCESS_TOKEN_SECRET is not set" in message for message in messages)
+    assert any("REFRESH_TOKEN_SECRET is not set" in message for message in messages)
+
+
+def test_random_secrets_differ_per_process():
+    assert (
+        load_settings({}, LOG)["ACCESS_TOKEN_SECRET"]
+        != load_settings({}, LOG)["ACCESS_TOKEN_SECRET"]
+    )
+
+
+def test_development_allows_equal_secrets_with_a_warning(caplog):
+    load_settings(
+        {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": ACCESS_SECRET}, LOG
+    )
+    assert "must differ" in caplog.text
+
+
+def test_production_has_no_demo_user_by_default():
+    assert load_settings(PRODUCTION, LOG)["DEMO_USER_PASSWORD"] is None
+    app = create_app(PRODUCTION)
+    assert app.test_client().post("/login", json=DEMO).status_code == 401
+
+
+def test_production_demo_user_when_password_set():
+    app = create_app(PRODUCTION | {"DEMO_USER_PASSWORD": "a long chosen password"})
+    body = {"email": DEMO["email"], "password": "a long chosen password"}
+    assert app.test_client().post("/login", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        (PRODUCTION | {"ACCESS_TOKEN_SECRET": ""}, "ACCESS_TOKEN_SECRET is not set"),
+        ({"APP_ENV": "production", "ACCESS_TOKEN_SECRET": ACCESS_SECRET}, "REFRESH_TOKEN_SECRET"),
+        (PRODUCTION | {"REFRESH_TOKEN_SECRET": "short"}, "REFRESH_TOKEN_SECRET is shorter"),
+        (PRODUCTION | {"REFRESH_TOKEN_SECRET": ACCESS_SECRET}, "must differ"),
+        ({"ACCESS_TOKEN_SECRET": "short"}, "ACCESS_TOKEN_SECRET is shorter"),
+        ({"APP_ENV": "staging"}, "APP_ENV"),
+        ({"ACCESS_TOKEN_TTL": "15m"}, "ACCESS_TOKEN_TTL must be a whole number"),
+        ({"ACCESS_TOKEN_TTL": "0"}, "ACCESS_TOKEN_TTL must be at least 1"),
+        ({"REFRESH_TOKEN_TTL": "-5"}, "REFRESH_TOKEN_TTL must be at least 1"),
+        ({"JWT_LEEWAY": "-1"}, "JWT_LEEWAY"),
+        ({"PORT": "http"}, "PORT must be a whole number"),
+        ({"PORT": "70000"}, "PORT must be at least 1 and at most 65535"),
+        ({"LOGIN_RATE_LIMIT": "lots"}, "LOGIN_RATE_LIMIT"),
+        ({"ACCESS_TOKEN_SECRET": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ"}, "ACCESS_TOKEN_SECRET"),
+    ],
+)
+def test_unusable_settings_name_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env, LOG)
+
+
+def run_server(env, cwd, timeout=15):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py")],
+        env={"PATH": os.environ["PATH"], **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"APP_ENV": "production"}, "ACCESS_TOKEN_SECRET"),
+        ({"PORT": "not-a-port"}, "PORT"),
+        ({"REFRESH_TOKEN_TTL": "forever"}, "REFRESH_TOKEN_TTL"),
+    ],
+)
+def test_config_mistake_stops_the_process_without_a_traceback(tmp_path, env, variable):
+    result = run_server(env, tmp_path)
+    assert result.returncode != 0
+    assert variable in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("ACCESS_TOKEN_TTL=60\nREFRESH_TOKEN_TTL=120\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ACCESS_TOKEN_TTL", raising=False)
+    monkeypatch.setenv("REFRESH_TOKEN_TTL", "240")
+    for name in ("ACCESS_TOKEN_SECRET", "REFRESH_TOKEN_SECRET"):
+        monkeypatch.setenv(name, TEST_CONFIG[name])
+    app = create_app()
+    monkeypatch.delenv("ACCESS_TOKEN_TTL")  # load_dotenv put it into os.environ
+    assert (app.config["ACCESS_TOKEN_TTL"], app.config["REFRESH_TOKEN_TTL"]) == (60, 240)
+
+
+# --- the real process ----------------------------------------------------------------------
+
+
+def call(base, method, path, body=None, token=None):
+    """Speak HTTP to a running server; return (status, headers, parsed JSON or None)."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw, status, head = response.read(), response.status, response.headers
+    except urllib.error.HTTPError as error:
+        raw, status, head = error.read(), error.code, error.headers
+    return status, head, json.loads(raw) if raw else None
+
+
+def refresh_body(tokens):
+    return {"refreshToken": tokens["refreshToken"]}
+
+
+def test_real_process_walkthrough(live_server):
+    status, headers, tokens = call(live_server, "POST", "/login", DEMO)
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert call(live_server, "GET", "/me", token=tokens["accessToken"])[2] == {
+        "id": "1",
+        "email": "demo@example.com",
+    }
+    status, _, renewed = call(
+        live_server, "POST", "/token", {"refreshToken": tokens["refreshToken"]}
+    )
+    assert status == 200 and renewed.keys() == TOKEN_FIELDS
+    assert call(live_server, "POST", "/logout", {"refreshToken": renewed["refreshToken"]})[0] == 204
+    status, _, error = call(
+        live_server, "POST", "/token", {"refreshToken": renewed["refreshToken"]}
+    )
+    assert status == 403 and error["error"] == "invalid_refresh_token"
+    status, _, error = call(live_server, "POST", "/login", {"email": 1})
+    assert status == 400 and error["error"] == "invalid_field"
+    assert call(live_server, "GET", "/me", token=renewed["accessToken"])[0] == 200  # still serving
+
+
+def test_flask_run_works_too(tmp_path):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "server", "run", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process)
+        assert call(f"http://127.0.0.1:{port}", "POST", "/login", DEMO)[0] == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
