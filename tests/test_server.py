@@ -3,9 +3,11 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
@@ -19,6 +21,7 @@ from .conftest import (
     REFRESH_SECRET,
     ROOT,
     TEST_CONFIG,
+    AuthActions,
     free_port,
     wait_for_port,
 )
@@ -472,3 +475,166 @@ def test_flask_run_works_too(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- the session lifecycle (RFC 9700 §4.14.2) ------------------------------------------------
+
+
+def test_reusing_a_spent_token_revokes_the_family(auth_actions):
+    first = auth_actions.tokens()
+    second = auth_actions.refresh(first["refreshToken"]).json
+    other_session = auth_actions.tokens()
+    response = auth_actions.refresh(first["refreshToken"])
+    assert (response.status_code, response.json) == (
+        403,
+        {
+            "error": "invalid_refresh_token",
+            "message": "This refresh token was already used, so the session was ended. "
+            "Log in again.",
+        },
+    )
+    assert auth_actions.refresh(second["refreshToken"]).status_code == 403
+    assert auth_actions.refresh(other_session["refreshToken"]).status_code == 200
+
+
+def test_rotation_keeps_the_family_expiry(auth_actions):
+    login_time = time.time()
+    with time_machine.travel(login_time, tick=False):
+        tokens = auth_actions.tokens()
+    with time_machine.travel(login_time + 10 * 86_400, tick=False):
+        rotated = auth_actions.refresh(tokens["refreshToken"]).json
+    first, later = (
+        jwt.decode(token["refreshToken"], options={"verify_signature": False})
+        for token in (tokens, rotated)
+    )
+    assert later["exp"] == first["exp"] == int(login_time) + 1_209_600
+    with time_machine.travel(login_time + 1_209_600 + 60):
+        assert auth_actions.refresh(rotated["refreshToken"]).status_code == 403
+
+
+def test_logout_after_rotations_ends_the_session(auth_actions):
+    tokens = auth_actions.tokens()
+    for _ in range(3):
+        tokens = auth_actions.refresh(tokens["refreshToken"]).json
+    assert auth_actions.logout(tokens["refreshToken"]).status_code == 204
+    assert auth_actions.refresh(tokens["refreshToken"]).status_code == 403
+
+
+def test_logout_with_a_spent_token_of_the_family_ends_the_session(auth_actions):
+    first = auth_actions.tokens()
+    latest = auth_actions.refresh(first["refreshToken"]).json
+    assert auth_actions.logout(first["refreshToken"]).status_code == 204
+    assert auth_actions.refresh(latest["refreshToken"]).status_code == 403
+
+
+def test_logout_with_the_access_token_revokes_it(auth_actions):
+    tokens = auth_actions.tokens()
+    other = auth_actions.tokens()
+    assert auth_actions.logout(tokens["refreshToken"], tokens["accessToken"]).status_code == 204
+    response = auth_actions.me(tokens["accessToken"])
+    assert response.status_code == 401
+    assert response.json["message"] == (
+        "The access token is not valid: The token was revoked at logout. "
+        "Log in or refresh to get a new one."
+    )
+    assert auth_actions.me(other["accessToken"]).status_code == 200
+
+
+def test_logout_ignores_an_invalid_access_token(auth_actions):
+    tokens = auth_actions.tokens()
+    assert auth_actions.logout(tokens["refreshToken"], "not-a-token").status_code == 204
+    assert auth_actions.refresh(tokens["refreshToken"]).status_code == 403
+
+
+def test_sixteen_simultaneous_refreshes_have_one_winner(live_server):
+    tokens = call(live_server, "POST", "/login", DEMO)[2]
+    barrier = threading.Barrier(16)
+
+    def refresh_once(_):
+        barrier.wait()
+        return call(live_server, "POST", "/token", refresh_body(tokens))
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(refresh_once, range(16)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] + [403] * 15
+    winner = next(body for status, _, body in results if status == 200)
+    # The losers were reuse, so the family is revoked and the winner's token died with it.
+    assert call(live_server, "POST", "/token", refresh_body(winner))[0] == 403
+
+
+# --- login throttling (OWASP Authentication Cheat Sheet) -----------------------------------
+
+
+def test_failed_logins_are_throttled_per_email_and_address(auth_actions):
+    for _ in range(10):
+        assert auth_actions.login(password="wrong").status_code == 401
+    response = auth_actions.login(password="wrong")
+    assert response.status_code == 429
+    assert response.json["error"] == "too_many_requests"
+    assert response.json["message"].startswith("Too many failed logins for this email")
+    assert 899 <= int(response.headers["Retry-After"]) <= 901  # the 15-minute window, rounded
+    # The right password does not get through either, for that email from that address...
+    assert auth_actions.login().status_code == 429
+    # ...but another email, or the same email from another address, is not locked out.
+    assert auth_actions.login("someone@example.com", "wrong").status_code == 401
+    other_address = {"environ_base": {"REMOTE_ADDR": "192.0.2.7"}}
+    assert auth_actions.login(**other_address).status_code == 200
+
+
+def test_successful_logins_are_not_counted(auth_actions):
+    for _ in range(12):
+        assert auth_actions.login().status_code == 200
+
+
+def test_throttling_ends_when_the_window_passes():
+    start = time.time()
+    with time_machine.travel(start, tick=False):
+        client = create_app(TEST_CONFIG | {"LOGIN_RATE_LIMIT": "3 per minute"}).test_client()
+        for _ in range(3):
+            assert client.post("/login", json=DEMO | {"password": "wrong"}).status_code == 401
+        response = client.post("/login", json=DEMO)
+        assert response.status_code == 429
+        assert response.headers["Retry-After"] in ("60", "61")  # the window, rounded up
+    with time_machine.travel(start + 61, tick=False):
+        assert client.post("/login", json=DEMO).status_code == 200
+
+
+# --- the audit log -------------------------------------------------------------------------
+
+
+def audit_records(caplog):
+    return [
+        json.loads(record.getMessage())
+        for record in caplog.records
+        if record.getMessage().startswith('{"audit"')
+    ]
+
+
+def test_security_events_are_audited_without_secrets(caplog):
+    caplog.set_level(logging.INFO)
+    client = create_app(TEST_CONFIG | {"LOGIN_RATE_LIMIT": "1 per minute"}).test_client()
+    actions = AuthActions(client)
+    tokens = actions.tokens()
+    rotated = actions.refresh(tokens["refreshToken"]).json
+    actions.refresh(tokens["refreshToken"])  # reuse
+    again = actions.tokens()
+    actions.logout(again["refreshToken"])
+    actions.login(password="wrong")
+    actions.login(password="wrong")  # throttled
+    events = [record["audit"] for record in audit_records(caplog)]
+    assert events == [
+        "login_succeeded",
+        "refreshed",
+        "reuse_detected",
+        "login_succeeded",
+        "logout",
+        "login_failed",
+        "login_throttled",
+    ]
+    reuse = audit_records(caplog)[2]
+    assert reuse["revoked"] == "family" and reuse["user"] == "1" and reuse["ip"] == "127.0.0.1"
+    for secret in [*tokens.values(), *rotated.values(), *again.values(), "wrong", "demo-password"]:
+        if isinstance(secret, str) and secret not in ("Bearer",):
+            assert secret not in caplog.text
+    assert ACCESS_SECRET not in caplog.text and REFRESH_SECRET not in caplog.text
