@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import click
+import redis
 from dotenv import load_dotenv
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_limiter import Limiter, RequestLimit
@@ -34,8 +35,10 @@ from auth import (
     new_id,
     token_required,
 )
-from store import MemoryStore, Rotation
+from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
 
+# Servers that run the app in several processes, found by their modules in the worker.
+MULTI_WORKER_SERVERS = ("gunicorn", "granian")
 MIN_SECRET_LENGTH = 32  # RFC 7518 §3.2: an HS256 key is at least as long as its hash, 256 bits
 
 
@@ -64,6 +67,7 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         or (None if production else "demo-password"),
         "HOST": env.get("HOST") or "127.0.0.1",
         "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
+        "REDIS_URL": _redis_url(env, "REDIS_URL"),
     }
     if settings["ACCESS_TOKEN_SECRET"] == settings["REFRESH_TOKEN_SECRET"]:
         # RFC 8725 §3.12: one key per kind of token, so one kind can never pass for the other.
@@ -105,6 +109,16 @@ def _integer(
     return value
 
 
+def _redis_url(env: Mapping[str, str], name: str) -> str | None:
+    url = env.get(name) or None
+    if url:
+        try:
+            redis.connection.parse_url(url)
+        except ValueError as error:
+            raise ConfigError(f"{name} is not a Redis URL ({error}).") from None
+    return url
+
+
 def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name) or default
     try:
@@ -120,11 +134,18 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     if test_config is None:
         load_dotenv(".env")  # the real environment wins over .env
-    settings = load_settings(os.environ if test_config is None else test_config, app.logger)
+    env = os.environ if test_config is None else test_config
+    settings = load_settings(env, app.logger)
     app.config.update(settings)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
-    app.extensions["store"] = MemoryStore()
+    if settings["REDIS_URL"]:
+        app.extensions["store"] = RedisStore(
+            redis.Redis.from_url(settings["REDIS_URL"], **REDIS_OPTIONS)
+        )
+    else:
+        app.extensions["store"] = MemoryStore()
+    check_server_fit(app, env)
     app.extensions["tokens"] = Tokens(
         access_secret=settings["ACCESS_TOKEN_SECRET"],
         refresh_secret=settings["REFRESH_TOKEN_SECRET"],
@@ -137,7 +158,13 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     if settings["DEMO_USER_PASSWORD"]:
         users.add(settings["DEMO_USER_EMAIL"], settings["DEMO_USER_PASSWORD"])
 
-    limiter = Limiter(login_throttle_key, app=app, storage_uri="memory://")
+    limiter = Limiter(
+        login_throttle_key,
+        app=app,
+        strategy="moving-window",  # at most N failures in any window, not per clock minute
+        storage_uri=settings["REDIS_URL"] or "memory://",
+        storage_options=REDIS_OPTIONS,
+    )
     # OWASP Authentication Cheat Sheet: throttle failed logins per account and client address.
     throttle_failed_logins = limiter.limit(
         settings["LOGIN_RATE_LIMIT"],
@@ -149,8 +176,27 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app.post("/token")(refresh)
     app.post("/logout")(logout)
     app.get("/me")(me)
+    app.get("/healthz")(healthz)
     app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(redis.RedisError, store_unavailable)
     return app
+
+
+def check_server_fit(app: Flask, env: Mapping[str, str]) -> None:
+    """Refuse or warn about settings that break under a multi-process server."""
+    server = next((name for name in MULTI_WORKER_SERVERS if name in sys.modules), None)
+    if server is None:
+        return
+    for name in ("ACCESS_TOKEN_SECRET", "REFRESH_TOKEN_SECRET"):
+        if not env.get(name):
+            # Each worker would draw its own random key, and reject the others' tokens.
+            raise ConfigError(f"{name} must be set under {server}, whose workers must share it.")
+    if not app.config["REDIS_URL"]:
+        app.logger.warning(
+            "Running under %s with the in-memory store: with more than one worker, each "
+            "worker has its own sessions and refreshes fail at random. Set REDIS_URL.",
+            server,
+        )
 
 
 def login_throttle_key() -> str:
@@ -247,6 +293,13 @@ def me() -> Response:
     return jsonify(id=user.id, email=user.email)
 
 
+def healthz() -> Response:
+    """Tell a load balancer whether this instance can serve: its store must answer."""
+    store = current_app.extensions["store"]
+    store.ping()  # a Redis error becomes the 503 of store_unavailable
+    return jsonify(status="ok", store=store.kind)
+
+
 def json_fields(*names: str) -> list[str]:
     """Return the named string fields of the JSON object in the request body."""
     try:
@@ -285,8 +338,16 @@ def invalid_refresh_token(message: str) -> APIError:
 
 def audit(event: str, **fields: str) -> None:
     """Log one JSON line per security event: ids and prefixes, never a token or password."""
-    record = {"audit": event, "ip": request.remote_addr, **fields}
+    record = {"audit": event, "ip": request.remote_addr, "pid": os.getpid(), **fields}
     current_app.logger.info("%s", json.dumps(record))
+
+
+def store_unavailable(error: redis.RedisError) -> Response:
+    """Fail closed: without the store's word no token is issued or accepted."""
+    current_app.logger.error("The store failed: %s", type(error).__name__)
+    message = "The session store is not answering. Try again in a few seconds."
+    # RFC 9110 §10.2.3: Retry-After tells a client when a 503 may be over.
+    return handle_http_error(APIError(503, "store_unavailable", message, {"Retry-After": "5"}))
 
 
 def handle_http_error(error: HTTPException) -> Response:

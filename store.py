@@ -4,6 +4,9 @@ A login starts a *family*: the chain of refresh tokens that one session rotates 
 The store keeps, per family, the one refresh token (by its ``jti``) that may be used next,
 and until when the family lives. It also keeps the deny list of access tokens revoked at
 logout. Tokens themselves are never stored: their ids are enough.
+
+``MemoryStore`` serves one process (the default); ``RedisStore`` is shared by every worker
+and machine that points at the same Redis.
 """
 
 import enum
@@ -11,6 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class Rotation(enum.Enum):
@@ -23,6 +30,8 @@ class Rotation(enum.Enum):
 
 class Store(Protocol):
     """The interface every backend implements; times are Unix seconds."""
+
+    kind: str  # "memory" or "redis", for GET /healthz
 
     def start(self, family: str, jti: str, expires_at: int) -> None:
         """Begin a family whose current refresh token is ``jti``."""
@@ -39,6 +48,9 @@ class Store(Protocol):
     def is_denied(self, jti: str) -> bool:
         """Tell whether the access token ``jti`` was revoked."""
 
+    def ping(self) -> None:
+        """Return if the store answers; raise if it does not."""
+
 
 class MemoryStore:
     """The store of one process: dictionaries behind a lock, each entry with its expiry.
@@ -47,6 +59,8 @@ class MemoryStore:
     entries are ignored when read and swept out once the dictionary has doubled since the
     last sweep, so memory follows the live sessions, not every login since start.
     """
+
+    kind = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -85,6 +99,9 @@ class MemoryStore:
         with self._lock:
             return self._denied.get(jti, 0) > self._clock()
 
+    def ping(self) -> None:
+        pass  # memory always answers
+
     def __len__(self) -> int:
         """Count the entries held, live or not yet swept (for tests and benchmarks)."""
         with self._lock:
@@ -98,3 +115,59 @@ class MemoryStore:
         for key in [key for key, value in entries.items() if expiry(value) <= now]:
             del entries[key]
         self._swept_at_size[name] = len(entries)
+
+
+# Fail fast when Redis is down: one immediate retry (for a connection Redis dropped while
+# idle), then the error, within seconds, so the client gets its 503 promptly.
+REDIS_OPTIONS = {"socket_timeout": 2, "socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 1)}
+
+
+# Rotation must compare and replace in one step, or two processes could both see the old
+# token as current and both win. Redis runs a Lua script atomically (no other command runs
+# in between), which is simpler than WATCH/MULTI/EXEC and costs one round trip, not three.
+ROTATE_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if current ~= ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    return 1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 2
+"""
+ROTATION_BY_SCRIPT_RESULT = [Rotation.UNKNOWN, Rotation.REUSED, Rotation.ROTATED]
+
+
+class RedisStore:
+    """The store shared by every process: Redis keys that expire with their session.
+
+    ``family:<id>`` holds the current refresh jti and ``denied:<jti>`` marks a revoked access
+    token; both are set to expire at the token's own ``exp`` (EXAT), so Redis forgets them.
+    Redis errors propagate: the app answers 503 rather than accept a token unchecked.
+    """
+
+    kind = "redis"
+
+    def __init__(self, client: redis.Redis, prefix: str = "jwt:") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._rotate = client.register_script(ROTATE_SCRIPT)
+
+    def start(self, family: str, jti: str, expires_at: int) -> None:
+        self._redis.set(f"{self._prefix}family:{family}", jti, exat=expires_at)
+
+    def rotate(self, family: str, jti: str, new_jti: str) -> Rotation:
+        result = self._rotate(keys=[f"{self._prefix}family:{family}"], args=[jti, new_jti])
+        return ROTATION_BY_SCRIPT_RESULT[result]
+
+    def revoke(self, family: str) -> None:
+        self._redis.delete(f"{self._prefix}family:{family}")
+
+    def deny(self, jti: str, expires_at: int) -> None:
+        self._redis.set(f"{self._prefix}denied:{jti}", 1, exat=expires_at)
+
+    def is_denied(self, jti: str) -> bool:
+        return bool(self._redis.exists(f"{self._prefix}denied:{jti}"))
+
+    def ping(self) -> None:
+        self._redis.ping()

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import subprocess
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 import auth
 from server import create_app
@@ -83,24 +85,58 @@ def wait_for_port(port, process, timeout=15.0):
     raise RuntimeError(f"nothing listened on port {port}")
 
 
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis server: TEST_REDIS_URL, or a local default. Skipped if absent, except in CI."""
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs a Redis server at {url}: {error}")
+        pytest.skip(f"no Redis server at {url} ({error}); start one or set TEST_REDIS_URL")
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A client on an emptied database, emptied again afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@contextlib.contextmanager
+def serve(command, env, cwd, port):
+    """Run a server process until the block ends; yield its URL and its log file's path."""
+    log_path = Path(cwd) / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, process)
+            yield f"http://127.0.0.1:{port}", log_path
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def user_env(**settings):
+    """The environment a user's shell would give, without this suite's own settings."""
+    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
+    env.pop("REDIS_URL", None)
+    return env | settings
+
+
 @pytest.fixture
 def live_server(tmp_path):
     """Start `python server.py` as a user would, with no settings, on a free port."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
-    env["PORT"] = str(port)
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py")],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
+    command = [sys.executable, str(ROOT / "server.py")]
+    with serve(command, user_env(PORT=str(port)), tmp_path, port) as (url, _):
+        yield url

@@ -638,3 +638,82 @@ def test_security_events_are_audited_without_secrets(caplog):
         if isinstance(secret, str) and secret not in ("Bearer",):
             assert secret not in caplog.text
     assert ACCESS_SECRET not in caplog.text and REFRESH_SECRET not in caplog.text
+
+
+# --- a shared store: Redis ------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_config(redis_url, redis_client):
+    return TEST_CONFIG | {"REDIS_URL": redis_url}
+
+
+def test_sessions_survive_a_restart_with_redis(redis_config):
+    before = AuthActions(create_app(redis_config).test_client()).tokens()
+    after_restart = AuthActions(create_app(redis_config).test_client())
+    assert after_restart.refresh(before["refreshToken"]).status_code == 200
+
+
+def test_deny_list_is_shared_with_redis(redis_config):
+    tokens = AuthActions(create_app(redis_config).test_client()).tokens()
+    other_worker = AuthActions(create_app(redis_config).test_client())
+    other_worker.logout(tokens["refreshToken"], tokens["accessToken"])
+    assert (
+        AuthActions(create_app(redis_config).test_client()).me(tokens["accessToken"]).status_code
+        == 401
+    )
+
+
+def test_login_throttling_is_shared_with_redis(redis_config):
+    config = redis_config | {"LOGIN_RATE_LIMIT": "3 per minute"}
+    workers = [AuthActions(create_app(config).test_client()) for _ in range(3)]
+    for worker in workers:
+        assert worker.login(password="wrong").status_code == 401
+    assert AuthActions(create_app(config).test_client()).login().status_code == 429
+
+
+def test_health_of_the_memory_store(client):
+    response = client.get("/healthz")
+    assert (response.status_code, response.json) == (200, {"status": "ok", "store": "memory"})
+
+
+UNREACHABLE = TEST_CONFIG | {"REDIS_URL": "redis://127.0.0.1:1/0"}
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("post", "/login", DEMO),
+        ("post", "/token", {"refreshToken": "x"}),
+        ("post", "/logout", {"refreshToken": "x"}),
+        ("get", "/healthz", None),
+    ],
+)
+def test_unreachable_redis_is_a_503_never_a_500(method, path, body):
+    client = create_app(UNREACHABLE).test_client()
+    if path in ("/token", "/logout"):  # a valid token, so the store is asked
+        body = {"refreshToken": valid_refresh_token()}
+    response = getattr(client, method)(path, json=body)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.json == {
+        "error": "store_unavailable",
+        "message": "The session store is not answering. Try again in a few seconds.",
+    }
+
+
+def test_me_fails_closed_when_the_deny_list_is_unreachable():
+    access = AuthActions(create_app(TEST_CONFIG).test_client()).tokens()["accessToken"]
+    response = AuthActions(create_app(UNREACHABLE).test_client()).me(access)
+    assert response.status_code == 503
+
+
+def valid_refresh_token():
+    """A refresh token signed with the test secrets, from an app with a working store."""
+    return AuthActions(create_app(TEST_CONFIG).test_client()).tokens()["refreshToken"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "not a url"])
+def test_redis_url_must_be_a_redis_url(url):
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        load_settings({"REDIS_URL": url}, LOG)

@@ -2,8 +2,9 @@ import threading
 import time
 
 import pytest
+import redis
 
-from store import MemoryStore, Rotation
+from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
 
 
 class FakeClock:
@@ -14,9 +15,11 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis"])
 def store(request):
     """Every backend, so that one suite holds them all to the same behaviour."""
+    if request.param == "redis":
+        return RedisStore(request.getfixturevalue("redis_client"))
     return MemoryStore()
 
 
@@ -109,3 +112,29 @@ def test_memory_store_drops_expired_entries():
         store.start(f"new-{n}", "jti", int(clock.now) + 10)
         store.deny(f"new-{n}", int(clock.now) + 10)
     assert len(store) == 3000  # the 1500 live of each kind; the 3000 expired are gone
+
+
+def test_ping_and_kind(store):
+    store.ping()
+    assert store.kind in ("memory", "redis")
+
+
+def test_redis_keys_expire_with_their_session(redis_client):
+    store = RedisStore(redis_client)
+    store.start("fam", "jti-1", later(100))
+    store.rotate("fam", "jti-1", "jti-2")
+    store.deny("access-1", later(50))
+    assert 95 <= redis_client.ttl("jwt:family:fam") <= 100  # rotation kept the family's expiry
+    assert 45 <= redis_client.ttl("jwt:denied:access-1") <= 50
+
+
+def test_redis_store_is_shared_between_clients(redis_url, redis_client):
+    RedisStore(redis_client).start("fam", "jti-1", later())
+    other = RedisStore(redis.Redis.from_url(redis_url))
+    assert other.rotate("fam", "jti-1", "jti-2") is Rotation.ROTATED
+
+
+def test_redis_failure_is_raised_not_hidden():
+    store = RedisStore(redis.Redis(port=1, **REDIS_OPTIONS))
+    with pytest.raises(redis.ConnectionError):
+        store.rotate("fam", "jti-1", "jti-2")

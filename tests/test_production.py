@@ -1,0 +1,175 @@
+"""The production server (granian) with several workers, sharing one Redis, as deployed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from .conftest import ACCESS_SECRET, DEMO, REFRESH_SECRET, ROOT, free_port, serve, user_env
+from .test_server import call, refresh_body
+
+GRANIAN = str(Path(sys.executable).parent / "granian")
+SECRETS = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
+
+
+def granian(port, workers=2):
+    """The README's production command, on a free port."""
+    return [
+        GRANIAN, "--interface", "wsgi", "--factory", "--workers", str(workers),
+        "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+    ]  # fmt: skip
+
+
+def audit_pids(log_path, event):
+    records = [
+        json.loads(line[line.index("{") :])
+        for line in log_path.read_text().splitlines()
+        if '"audit"' in line
+    ]
+    return {record["pid"] for record in records if record["audit"] == event}
+
+
+@pytest.fixture
+def cluster(redis_url, redis_client, tmp_path):
+    """Two granian workers sharing the test Redis."""
+    port = free_port()
+    env = user_env(**SECRETS, REDIS_URL=redis_url)
+    with serve(granian(port), env, ROOT, port) as (url, log_path):
+        yield url, log_path
+
+
+def test_refreshes_land_on_both_workers_and_all_succeed(cluster):
+    url, log_path = cluster
+    tokens = call(url, "POST", "/login", DEMO)[2]
+    for _ in range(20):
+        status, _, tokens = call(url, "POST", "/token", refresh_body(tokens))
+        assert status == 200
+    assert call(url, "GET", "/me", token=tokens["accessToken"])[0] == 200
+    assert len(audit_pids(log_path, "refreshed")) == 2  # both workers served refreshes
+
+
+def test_reuse_is_detected_across_workers(cluster):
+    url, _ = cluster
+    first = call(url, "POST", "/login", DEMO)[2]
+    chain = [first]
+    for _ in range(6):
+        chain.append(call(url, "POST", "/token", refresh_body(chain[-1]))[2])
+    assert call(url, "POST", "/token", refresh_body(first))[0] == 403
+    assert call(url, "POST", "/token", refresh_body(chain[-1]))[0] == 403
+
+
+def test_sixteen_simultaneous_refreshes_across_workers_have_one_winner(cluster):
+    url, _ = cluster
+    tokens = call(url, "POST", "/login", DEMO)[2]
+    barrier = threading.Barrier(16)
+
+    def refresh_once(_):
+        barrier.wait()
+        return call(url, "POST", "/token", refresh_body(tokens))[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sorted(pool.map(refresh_once, range(16))) == [200] + [403] * 15
+
+
+def test_health_names_the_store(cluster):
+    url, _ = cluster
+    assert call(url, "GET", "/healthz")[2] == {"status": "ok", "store": "redis"}
+
+
+def test_memory_store_under_granian_warns(tmp_path):
+    port = free_port()
+    with serve(granian(port, workers=1), user_env(**SECRETS), ROOT, port) as (url, log_path):
+        assert call(url, "GET", "/healthz")[2] == {"status": "ok", "store": "memory"}
+    assert "with the in-memory store" in log_path.read_text()
+    assert "Set REDIS_URL" in log_path.read_text()
+
+
+def test_granian_refuses_to_start_without_secrets(tmp_path):
+    result = subprocess.run(
+        granian(free_port()), cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "ACCESS_TOKEN_SECRET must be set under granian" in result.stdout + result.stderr
+
+
+# --- Redis failing and coming back ---------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to stop and start again."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs redis-server on PATH")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def start(self):
+            self.process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL)
+            with redis.Redis(port=port) as client:
+                for _ in range(100):
+                    try:
+                        client.ping()
+                        return
+                    except redis.ConnectionError:
+                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
+            raise RuntimeError("redis-server did not start")
+
+        def stop(self):
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    server = Server()
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+def assert_unavailable(status, headers, body):
+    assert status == 503
+    assert headers["Retry-After"] == "5"
+    assert body == {
+        "error": "store_unavailable",
+        "message": "The session store is not answering. Try again in a few seconds.",
+    }
+
+
+def test_redis_down_fails_closed_and_recovers(own_redis, tmp_path):
+    port = free_port()
+    env = user_env(**SECRETS, REDIS_URL=own_redis.url)
+    with serve(granian(port), env, ROOT, port) as (url, _):
+        tokens = call(url, "POST", "/login", DEMO)[2]
+        own_redis.stop()
+        assert_unavailable(*call(url, "POST", "/token", refresh_body(tokens)))
+        assert_unavailable(*call(url, "POST", "/logout", refresh_body(tokens)))
+        assert_unavailable(*call(url, "POST", "/login", DEMO))
+        assert_unavailable(*call(url, "GET", "/me", token=tokens["accessToken"]))
+        assert call(url, "GET", "/healthz")[0] == 503
+        own_redis.start()  # empty: the sessions before the outage are gone
+        assert call(url, "GET", "/healthz")[2] == {"status": "ok", "store": "redis"}
+        assert call(url, "POST", "/token", refresh_body(tokens))[0] == 403
+        fresh = call(url, "POST", "/login", DEMO)[2]
+        assert call(url, "POST", "/token", refresh_body(fresh))[0] == 200
