@@ -40,6 +40,8 @@ from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
 # Servers that run the app in several processes, found by their modules in the worker.
 MULTI_WORKER_SERVERS = ("gunicorn", "granian")
 MIN_SECRET_LENGTH = 32  # RFC 7518 §3.2: an HS256 key is at least as long as its hash, 256 bits
+# The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
+AUDIT_LOG = logging.getLogger("audit")
 
 
 class ConfigError(click.ClickException):
@@ -132,6 +134,10 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     """Build the app. Settings come from the environment and .env, or from test_config alone."""
     app = Flask(__name__)
     app.logger.setLevel(logging.INFO)
+    if not AUDIT_LOG.handlers:
+        AUDIT_LOG.addHandler(logging.StreamHandler())
+        AUDIT_LOG.setLevel(logging.INFO)
+        AUDIT_LOG.propagate = False
     if test_config is None:
         load_dotenv(".env")  # the real environment wins over .env
     env = os.environ if test_config is None else test_config
@@ -165,6 +171,8 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
         storage_uri=settings["REDIS_URL"] or "memory://",
         storage_options=REDIS_OPTIONS,
     )
+    # Only /login is throttled; skip the limiter's per-request work everywhere else.
+    limiter.request_filter(lambda: request.endpoint != "login")
     # OWASP Authentication Cheat Sheet: throttle failed logins per account and client address.
     throttle_failed_logins = limiter.limit(
         settings["LOGIN_RATE_LIMIT"],
@@ -338,8 +346,8 @@ def invalid_refresh_token(message: str) -> APIError:
 
 def audit(event: str, **fields: str) -> None:
     """Log one JSON line per security event: ids and prefixes, never a token or password."""
-    record = {"audit": event, "ip": request.remote_addr, "pid": os.getpid(), **fields}
-    current_app.logger.info("%s", json.dumps(record))
+    record = {"time": round(time.time(), 3), "audit": event, "ip": request.remote_addr}
+    AUDIT_LOG.info("%s", json.dumps(record | {"pid": os.getpid(), **fields}))
 
 
 def store_unavailable(error: redis.RedisError) -> Response:
