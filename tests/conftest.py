@@ -1,5 +1,6 @@
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,16 +114,19 @@ def serve(command, env, cwd, port):
     """Run a server process until the block ends; yield its URL and its log file's path."""
     log_path = Path(cwd) / f"server-{port}.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own, so that stopping it stops its worker processes too.
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             wait_for_port(port, process)
             yield f"http://127.0.0.1:{port}", log_path
         finally:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
 
