@@ -3,12 +3,16 @@
     python bench/run.py                      # N = 0, 10k, 100k, 1M on the chosen server
     python bench/run.py --smoke              # one small N, a few seconds (CI)
     python bench/run.py --servers granian,gunicorn --sessions 0 --duration 10
-    python bench/run.py --peer-cmd "express=node ../shared/anchors/express-original/server.js"
-    python bench/run.py --peer flask-jwt-extended=http://127.0.0.1:3200
+    python bench/run.py --anchors ../shared/anchors   # with the Express and F-J-E peers
+    python bench/run.py --peer-cmd "name=node server.js --port {port}"
+    python bench/run.py --peer name=http://127.0.0.1:3200
 
 The server is pinned to core 0 and wrk to core 1. Each N starts a fresh server whose worker
 builds the app with create_app and fills its store (bench/app.py). Peers started with
---peer-cmd get PORT and SEED_SESSIONS=N; peers given by --peer URL are measured as they are.
+--peer-cmd get PORT (and {port} in the command) and SEED_SESSIONS=N; peers given by --peer
+URL are measured as they are. --anchors DIR copies the project's peers (the Express original
+and the Flask-JWT-Extended app) to a temporary folder, installs them, and runs them as
+--peer-cmd: the Express original as written, with key objects, and F-J-E under granian.
 Results go to bench/results/ as JSON, a Markdown table and a PNG plot.
 """
 
@@ -34,11 +38,16 @@ sys.path.insert(0, str(ROOT))
 from auth import Users, new_id  # noqa: E402
 from store import MemoryStore, RedisStore  # noqa: E402
 
+GRANIAN = (
+    "granian --interface wsgi --factory --workers 1 --blocking-threads {threads} "
+    "--host 127.0.0.1 --port {port} bench.app:create_bench_app"
+)
 SERVERS = {
-    "granian": "granian --interface wsgi --factory --workers 1 --blocking-threads 1 "
-    "--host 127.0.0.1 --port {port} bench.app:create_bench_app",
-    "gunicorn": "gunicorn --workers 1 --bind 127.0.0.1:{port} bench.app:create_bench_app()",
-    "gunicorn-gthread": "gunicorn --workers 1 --threads 4 --worker-class gthread "
+    "granian": GRANIAN.replace("{threads}", "2"),
+    "granian-1-thread": GRANIAN.replace("{threads}", "1"),
+    "gunicorn": "gunicorn --workers 1 --timeout 600 --bind 127.0.0.1:{port} "
+    "bench.app:create_bench_app()",
+    "gunicorn-gthread": "gunicorn --workers 1 --threads 4 --worker-class gthread --timeout 600 "
     "--bind 127.0.0.1:{port} bench.app:create_bench_app()",
 }
 DEMO = {"email": "demo@example.com", "password": "demo-password"}
@@ -46,17 +55,32 @@ DEMO = {"email": "demo@example.com", "password": "demo-password"}
 
 def main() -> None:
     args = parse_args()
+    if args.anchors:
+        args.peer_cmd += anchor_peers(Path(args.anchors).resolve())
     results = {"machine": machine(), "connections": args.connections, "runs": []}
+
+    def record(run: dict) -> None:
+        results["runs"].append(run)
+        print(
+            f"{run['name']}, {run['sessions']} sessions: /token {run['token']['rps']:.0f}"
+            f" req/s, /me {run['me']['rps']:.0f} req/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
     for sessions in args.sessions:
         for server in args.servers:
-            results["runs"].append(measure_ours(server, sessions, args))
+            record(measure_ours(server, sessions, args))
         for name, command in args.peer_cmd:
-            results["runs"].append(measure_peer_cmd(name, command, sessions, args))
+            record(measure_peer_cmd(name, command, sessions, args))
     for name, url in args.peer:
-        results["runs"].append(measure_peer(name, url, None, args))
+        record(measure_peer(name, url, None, args))
     results["login"] = measure_login(args) if not args.smoke else None
     results["memory"] = measure_memory(args.sessions, args.redis_url)
     write_results(results, args)
+    failed = [run["name"] for run in results["runs"] if errors(run)]
+    if args.smoke and failed:
+        sys.exit(f"bench smoke: requests failed on {', '.join(failed)}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,6 +91,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL, running")
     parser.add_argument("--peer-cmd", action="append", default=[], help="NAME=COMMAND")
+    parser.add_argument("--anchors", help="the folder of the Express and F-J-E peers")
     parser.add_argument("--redis-url", help="also measure the Redis store's memory here")
     parser.add_argument("--smoke", action="store_true", help="N=1000, 2 s: that it runs")
     parser.add_argument("--out", default=str(BENCH / "results"))
@@ -118,10 +143,32 @@ def measure_ours(server: str, sessions: int, args: argparse.Namespace) -> dict:
     return run
 
 
+def anchor_peers(anchors: Path) -> list[tuple[str, str]]:
+    """Install the peers in a temporary copy (shared/ is read-only); return their commands."""
+    copy = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    shutil.copytree(anchors, copy, dirs_exist_ok=True)
+    express = copy / "express-original"
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=express, check=True)
+    granian = Path(sys.executable).parent / "granian"
+    return [
+        ("Express original", f"node {express / 'server.js'}"),
+        ("Express, key objects", f"env JWT_KEYOBJECT=1 node {express / 'server.js'}"),
+        (
+            "Flask-JWT-Extended (granian)",
+            f"{granian} --interface wsgi --workers 1 --blocking-threads 2 --host 127.0.0.1 "
+            f"--port {{port}} --working-dir {copy} flask_jwt_extended_app:app",
+        ),
+    ]
+
+
 def measure_peer_cmd(name: str, command: str, sessions: int, args: argparse.Namespace) -> dict:
     port = free_port()
     env = os.environ | {"PORT": str(port), "SEED_SESSIONS": str(sessions)}
-    cwd_command = ["taskset", "-c", "0", *command.split()]
+    env |= {  # keys of 32 bytes or more, as ours, so PyJWT does not spend time warning
+        "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
+        "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
+    }
+    cwd_command = ["taskset", "-c", "0", *command.format(port=port).split()]
     with running(cwd_command, env, port, timeout=120 + sessions / 5_000):
         return measure_peer(name, f"http://127.0.0.1:{port}", sessions, args)
 
@@ -228,17 +275,16 @@ class running:
         )
 
     def __enter__(self):
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            self.command,
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command, env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command} exited with {self.process.returncode}")
+                self.log.seek(0)
+                tail = self.log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.command} exited with {self.process.returncode}:\n{tail}")
             if (self.ready is None or self.ready.exists()) and listening(self.port):
                 return self
             time.sleep(0.1)
@@ -247,6 +293,7 @@ class running:
     def __exit__(self, *exc):
         self.process.terminate()
         self.process.wait(timeout=30)
+        self.log.close()
 
 
 def listening(port: int) -> bool:
@@ -279,8 +326,14 @@ def write_results(results: dict, args: argparse.Namespace) -> None:
     table = markdown(results)
     (out / f"{stem}.md").write_text(table)
     print(table)
-    if not args.smoke and shutil.which("python3"):
+    if len(args.sessions) > 1:
         plot(results, out / "token_rps.png")
+
+
+def errors(run: dict) -> int:
+    return sum(
+        run[route][kind] for route in ("token", "me") for kind in ("non_2xx", "socket_errors")
+    )
 
 
 def markdown(results: dict) -> str:
@@ -297,14 +350,13 @@ def markdown(results: dict) -> str:
     baseline = runs[0]["token"]["rps"] if runs else 1
     for run in runs:
         token, me = run["token"], run["me"]
-        errors = token["non_2xx"] + me["non_2xx"] + token["socket_errors"] + me["socket_errors"]
         rss = f"{run['rss_per_session']:.0f} B" if run.get("rss_per_session") else ""
         sessions = "as running" if run["sessions"] is None else f"{run['sessions']:,}"
         lines.append(
             f"| {run['name']} | {sessions} | {token['rps']:.0f} | {token['p50_ms']:.2f} "
             f"| {token['p99_ms']:.2f} | {me['rps']:.0f} | {me['p50_ms']:.2f} "
             f"| {me['p99_ms']:.2f} | {token['rps'] / baseline:.2f}x | {rss} |"
-            + (f" **{errors} errors**" if errors else "")
+            + (f" **{errors(run)} errors**" if errors(run) else "")
         )
     if results.get("login"):
         login, run = results["login"], results["login"]["login"]

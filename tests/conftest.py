@@ -110,9 +110,9 @@ def redis_client(redis_url):
 
 
 @contextlib.contextmanager
-def serve(command, env, cwd, port):
+def serve(command, env, cwd, port, log_dir):
     """Run a server process until the block ends; yield its URL and its log file's path."""
-    log_path = Path(cwd) / f"server-{port}.log"
+    log_path = Path(log_dir) / f"server-{port}.log"
     with open(log_path, "w") as log:
         # A session of its own, so that stopping it stops its worker processes too.
         process = subprocess.Popen(
@@ -138,9 +138,21 @@ def user_env(**settings):
 
 
 @pytest.fixture
-def live_server(tmp_path):
-    """Start `python server.py` as a user would, with no settings, on a free port."""
-    port = free_port()
-    command = [sys.executable, str(ROOT / "server.py")]
-    with serve(command, user_env(PORT=str(port)), tmp_path, port) as (url, _):
-        yield url
+def start_server(tmp_path):
+    """Start `python server.py` as a user would, with the given settings, on a free port."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**settings):
+            port = free_port()
+            command = [sys.executable, str(ROOT / "server.py")]
+            env = user_env(PORT=str(port), **settings)
+            url, _ = stack.enter_context(serve(command, env, tmp_path, port, tmp_path))
+            return url
+
+        yield start
+
+
+@pytest.fixture
+def live_server(start_server):
+    """`python server.py` with no settings at all."""
+    return start_server()

@@ -23,7 +23,7 @@ def granian(port, workers=2):
     """The README's production command, on a free port."""
     return [
         GRANIAN, "--interface", "wsgi", "--factory", "--workers", str(workers),
-        "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+        "--blocking-threads", "2", "--host", "127.0.0.1", "--port", str(port), "server:create_app",
     ]  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def cluster(redis_url, redis_client, tmp_path):
     """Two granian workers sharing the test Redis."""
     port = free_port()
     env = user_env(**SECRETS, REDIS_URL=redis_url)
-    with serve(granian(port), env, ROOT, port) as (url, log_path):
+    with serve(granian(port), env, ROOT, port, tmp_path) as (url, log_path):
         yield url, log_path
 
 
@@ -85,7 +85,10 @@ def test_health_names_the_store(cluster):
 
 def test_memory_store_under_granian_warns(tmp_path):
     port = free_port()
-    with serve(granian(port, workers=1), user_env(**SECRETS), ROOT, port) as (url, log_path):
+    with serve(granian(port, workers=1), user_env(**SECRETS), ROOT, port, tmp_path) as (
+        url,
+        log_path,
+    ):
         assert call(url, "GET", "/healthz")[2] == {"status": "ok", "store": "memory"}
     assert "with the in-memory store" in log_path.read_text()
     assert "Set REDIS_URL" in log_path.read_text()
@@ -160,7 +163,7 @@ def assert_unavailable(status, headers, body):
 def test_redis_down_fails_closed_and_recovers(own_redis, tmp_path):
     port = free_port()
     env = user_env(**SECRETS, REDIS_URL=own_redis.url)
-    with serve(granian(port), env, ROOT, port) as (url, _):
+    with serve(granian(port), env, ROOT, port, tmp_path) as (url, _):
         tokens = call(url, "POST", "/login", DEMO)[2]
         own_redis.stop()
         assert_unavailable(*call(url, "POST", "/token", refresh_body(tokens)))

@@ -23,7 +23,8 @@ from .conftest import (
     TEST_CONFIG,
     AuthActions,
     free_port,
-    wait_for_port,
+    serve,
+    user_env,
 )
 
 LOG = logging.getLogger("test")
@@ -461,20 +462,9 @@ def test_real_process_walkthrough(live_server):
 
 def test_flask_run_works_too(tmp_path):
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "server", "run", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process)
-        assert call(f"http://127.0.0.1:{port}", "POST", "/login", DEMO)[0] == 200
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    command = [sys.executable, "-m", "flask", "--app", "server", "run", "--port", str(port)]
+    with serve(command, user_env(), ROOT, port, tmp_path) as (url, _):
+        assert call(url, "POST", "/login", DEMO)[0] == 200
 
 
 # --- the session lifecycle (RFC 9700 §4.14.2) ------------------------------------------------

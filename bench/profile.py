@@ -1,0 +1,99 @@
+"""Where the time of one request goes, without a server or a network in the way.
+
+    python bench/profile.py                 # microseconds per call of /token and /me
+    python bench/profile.py --pyinstrument  # and the call tree of each (pip install pyinstrument)
+
+Calls the WSGI app directly, so the numbers are the service's own Python work: what the
+production server adds on top is what bench/run.py measures.
+"""
+
+import argparse
+import io
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from auth import new_id  # noqa: E402
+from server import AUDIT_LOG, create_app  # noqa: E402
+
+CALLS = 5000
+
+
+def environ(method: str, path: str, body: bytes = b"", token: str | None = None) -> dict:
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "3000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": "application/json",
+    }
+    if token:
+        env["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return env
+
+
+def call(app, env: dict) -> tuple[str, bytes]:
+    status = []
+    body = b"".join(app(env, lambda s, headers: status.append(s)))
+    return status[0], body
+
+
+def token_calls(app, calls: int):
+    """Rotate one session ``calls`` times, as a client refreshing in a loop would."""
+    tokens = app.extensions["tokens"]
+    now = int(time.time())
+    family, jti = new_id(), new_id()
+    app.extensions["store"].start(family, jti, now + 3600)
+    refresh = tokens.issue_refresh("1", family, jti, now + 3600, now)
+    for _ in range(calls):
+        body = json.dumps({"refreshToken": refresh}).encode()
+        status, answer = call(app, environ("POST", "/token", body))
+        assert status.startswith("200"), answer
+        refresh = json.loads(answer)["refreshToken"]
+
+
+def me_calls(app, calls: int):
+    access = app.extensions["tokens"].issue_access("1", int(time.time()))
+    for _ in range(calls):
+        status, answer = call(app, environ("GET", "/me", token=access))
+        assert status.startswith("200"), answer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pyinstrument", action="store_true")
+    parser.add_argument("--calls", type=int, default=CALLS)
+    args = parser.parse_args()
+    config = {
+        "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
+        "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
+    }
+    app = create_app(config)
+    AUDIT_LOG.handlers[0].setStream(open(os.devnull, "w"))  # keep the audit cost, not the noise
+    for name, calls in (("POST /token", token_calls), ("GET /me", me_calls)):
+        calls(app, 200)  # warm up
+        started = time.perf_counter()
+        calls(app, args.calls)
+        per_call = (time.perf_counter() - started) / args.calls * 1e6
+        print(f"{name}: {per_call:.0f} us per call of the WSGI app")
+        if args.pyinstrument:
+            from pyinstrument import Profiler
+
+            with Profiler(interval=0.0001) as profiler:
+                calls(app, args.calls)
+            print(profiler.output_text(color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()
