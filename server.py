@@ -12,10 +12,12 @@ import secrets
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 import redis
+import yaml
 from dotenv import load_dotenv
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_limiter import Limiter, RequestLimit
@@ -39,6 +41,7 @@ from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
 
 # Servers that run the app in several processes, found by their modules in the worker.
 MULTI_WORKER_SERVERS = ("gunicorn", "granian")
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 MIN_SECRET_LENGTH = 32  # RFC 7518 §3.2: an HS256 key is at least as long as its hash, 256 bits
 # The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
 AUDIT_LOG = logging.getLogger("audit")
@@ -160,6 +163,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
         audience=settings["JWT_AUDIENCE"],
         leeway=settings["JWT_LEEWAY"],
     )
+    app.extensions["openapi"] = yaml.safe_load(OPENAPI_PATH.read_text())
     users = app.extensions["users"] = Users()
     if settings["DEMO_USER_PASSWORD"]:
         users.add(settings["DEMO_USER_EMAIL"], settings["DEMO_USER_PASSWORD"])
@@ -185,6 +189,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app.post("/logout")(logout)
     app.get("/me")(me)
     app.get("/healthz")(healthz)
+    app.get("/openapi.json")(openapi)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(redis.RedisError, store_unavailable)
     return app
@@ -306,6 +311,11 @@ def healthz() -> Response:
     store = current_app.extensions["store"]
     store.ping()  # a Redis error becomes the 503 of store_unavailable
     return jsonify(status="ok", store=store.kind)
+
+
+def openapi() -> Response:
+    """Serve this service's OpenAPI description, openapi.yaml, as JSON."""
+    return jsonify(current_app.extensions["openapi"])
 
 
 def json_fields(*names: str) -> list[str]:
