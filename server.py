@@ -3,6 +3,7 @@
 Run it with ``python server.py`` (Flask's threaded server) or ``flask --app server run``.
 """
 
+import hmac
 import json
 import logging
 import math
@@ -42,6 +43,19 @@ from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
 # Servers that run the app in several processes, found by their modules in the worker.
 MULTI_WORKER_SERVERS = ("gunicorn", "granian")
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+# The browser flow: the refresh token in an HttpOnly cookie, and a CSRF token to echo.
+REFRESH_COOKIE, CSRF_COOKIE, CSRF_HEADER = "refresh_token", "csrf_token", "X-CSRF-Token"
+# OWASP HTTP Security Response Headers Cheat Sheet, for the demo page and its files.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
 MIN_SECRET_LENGTH = 32  # RFC 7518 §3.2: an HS256 key is at least as long as its hash, 256 bits
 # The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
 AUDIT_LOG = logging.getLogger("audit")
@@ -190,6 +204,8 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app.get("/me")(me)
     app.get("/healthz")(healthz)
     app.get("/openapi.json")(openapi)
+    app.get("/")(index)
+    app.after_request(page_security_headers)
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(redis.RedisError, store_unavailable)
     return app
@@ -233,6 +249,7 @@ def login_throttled(limit: RequestLimit) -> Response:
 def login() -> Response:
     """Check the email and password, then start a session: an access and a refresh token."""
     email, password = json_fields("email", "password")
+    in_cookie = refresh_token_transport() == "cookie"
     user = current_app.extensions["users"].authenticate(email, password)
     if user is None:
         audit("login_failed")
@@ -243,16 +260,18 @@ def login() -> Response:
     expires_at = now + current_app.config["REFRESH_TOKEN_TTL"]
     current_app.extensions["store"].start(family, jti, expires_at)
     audit("login_succeeded", user=user.id, family=family[:8])
-    return token_response(user.id, family, jti, expires_at, now)
+    return token_response(user.id, family, jti, expires_at, now, in_cookie)
 
 
 def refresh() -> Response:
     """Trade a refresh token for a new pair; the presented one is spent (RFC 9700 §4.14.2)."""
-    (token,) = json_fields("refreshToken")
+    token, in_cookie = presented_refresh_token()
     try:
         claims = current_app.extensions["tokens"].decode(token, REFRESH)
     except InvalidToken as error:
         raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
+    if in_cookie:
+        check_csrf(claims["fam"])
     family, new_jti = claims["fam"], new_id()
     outcome = current_app.extensions["store"].rotate(family, claims["jti"], new_jti)
     if outcome is Rotation.REUSED:
@@ -266,18 +285,21 @@ def refresh() -> Response:
         raise invalid_refresh_token("This refresh token's session has ended.")
     audit("refreshed", user=claims["sub"], family=family[:8])
     # ASVS 10.4.8: the new token keeps the family's expiry, so rotation never extends a session.
-    return token_response(claims["sub"], family, new_jti, claims["exp"], int(time.time()))
+    now = int(time.time())
+    return token_response(claims["sub"], family, new_jti, claims["exp"], now, in_cookie)
 
 
-def logout() -> tuple[str, int]:
+def logout() -> Response:
     """End the session of the refresh token and, if one is sent, revoke the access token."""
-    (token,) = json_fields("refreshToken")
+    token, in_cookie = presented_refresh_token()
     tokens, store = current_app.extensions["tokens"], current_app.extensions["store"]
     try:
         claims = tokens.decode(token, REFRESH)
     except InvalidToken:
         pass  # Logging out is idempotent: an unknown or spent token has no session to end.
     else:
+        if in_cookie:
+            check_csrf(claims["fam"])
         store.revoke(claims["fam"])
         audit("logout", user=claims["sub"], family=claims["fam"][:8])
     access_token = bearer_token()
@@ -289,7 +311,10 @@ def logout() -> tuple[str, int]:
         else:
             # OWASP JWT Cheat Sheet (token revocation): deny its jti until it would expire anyway.
             store.deny(access["jti"], access["exp"])
-    return "", 204
+    response = current_app.response_class(status=204)
+    if in_cookie:
+        set_session_cookies(response)  # empty, expiring now: the browser drops them
+    return response
 
 
 @token_required
@@ -304,6 +329,18 @@ def me() -> Response:
             {"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     return jsonify(id=user.id, email=user.email)
+
+
+def index() -> Response:
+    """Serve the demo page of the browser flow."""
+    return current_app.send_static_file("index.html")
+
+
+def page_security_headers(response: Response) -> Response:
+    """Give the page and its files the browser's protections."""
+    if request.endpoint in ("index", "static"):
+        response.headers.update(PAGE_HEADERS)
+    return response
 
 
 def healthz() -> Response:
@@ -336,17 +373,78 @@ def json_fields(*names: str) -> list[str]:
     return [body[name] for name in names]
 
 
-def token_response(sub: str, family: str, jti: str, expires_at: int, now: int) -> Response:
+def refresh_token_transport() -> str:
+    """Return where the client wants its refresh token: in the body (default) or a cookie."""
+    transport = request.get_json().get("refreshTokenTransport", "body")
+    if transport not in ("body", "cookie"):
+        message = "The field 'refreshTokenTransport' must be 'body' or 'cookie'."
+        raise APIError(400, "invalid_field", message)
+    return transport
+
+
+def presented_refresh_token() -> tuple[str, bool]:
+    """Return the refresh token, from the body or else the cookie, and whether it was the cookie."""
+    cookie = request.cookies.get(REFRESH_COOKIE)
+    body = request.get_json(silent=True)
+    if cookie and not (isinstance(body, dict) and "refreshToken" in body):
+        check_csrf()  # before anything is done with the cookie
+        return cookie, True
+    (token,) = json_fields("refreshToken")
+    return token, False
+
+
+def check_csrf(family: str | None = None) -> None:
+    """Refuse a cookie-authenticated request that our own page did not send.
+
+    Given the session's family, also check that the CSRF token is that session's own.
+    """
+    # OWASP CSRF Prevention Cheat Sheet: verify the origin with standard headers...
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != request.host_url.rstrip("/"):
+        raise APIError(403, "csrf_failed", "Cookie requests must come from this service's page.")
+    # ...and the signed double-submit cookie, which only a page of this origin can read.
+    sent = request.headers.get(CSRF_HEADER, "")
+    valid = bool(sent) and hmac.compare_digest(sent, request.cookies.get(CSRF_COOKIE, ""))
+    if family is not None:
+        expected = current_app.extensions["tokens"].csrf_token(family)
+        valid = valid and hmac.compare_digest(sent, expected)
+    if not valid:
+        message = f"Send the value of the {CSRF_COOKIE} cookie in the {CSRF_HEADER} header."
+        raise APIError(403, "csrf_failed", message)
+
+
+def token_response(
+    sub: str, family: str, jti: str, expires_at: int, now: int, in_cookie: bool = False
+) -> Response:
     """Mint a new access token and refresh token ``jti``, and answer with both."""
     tokens = current_app.extensions["tokens"]
-    response = jsonify(
-        accessToken=tokens.issue_access(sub, now),
-        refreshToken=tokens.issue_refresh(sub, family, jti, expires_at, now),
-        tokenType="Bearer",
-        expiresIn=tokens.access_ttl,
-    )
+    refresh_token = tokens.issue_refresh(sub, family, jti, expires_at, now)
+    body = {"accessToken": tokens.issue_access(sub, now), "tokenType": "Bearer"}
+    body["expiresIn"] = tokens.access_ttl
+    if not in_cookie:
+        body["refreshToken"] = refresh_token
+    response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"  # RFC 6749 §5.1: tokens are never cached
+    if in_cookie:
+        csrf = tokens.csrf_token(family)
+        set_session_cookies(response, refresh_token, csrf, max_age=expires_at - now)
     return response
+
+
+def set_session_cookies(
+    response: Response, refresh_token: str = "", csrf: str = "", max_age: int = 0
+) -> None:
+    """Set the refresh cookie and its CSRF companion; with no values, clear them."""
+    secure = current_app.config["APP_ENV"] == "production"
+    # OWASP Session Management Cheat Sheet: HttpOnly (no script reads it), SameSite=Strict (no
+    # other site's request carries it), Secure in production, and only the paths that use it.
+    for path in ("/token", "/logout"):
+        response.set_cookie(
+            REFRESH_COOKIE, refresh_token, max_age, path=path, secure=secure, httponly=True,
+            samesite="Strict",
+        )  # fmt: skip
+    # Readable by our page, which echoes it in the X-CSRF-Token header (double submit).
+    response.set_cookie(CSRF_COOKIE, csrf, max_age, path="/", secure=secure, samesite="Strict")
 
 
 def invalid_refresh_token(message: str) -> APIError:
