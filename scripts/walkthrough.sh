@@ -60,14 +60,24 @@ print(f"   exp is in {left} s ({left // 60} min); jti {claims['jti']!r} names th
 PY
 }
 
+log_in() {  # POST /login with the demo account; sets ACCESS and REFRESH
+  call 200 "curl -s -X POST $BASE/login -H 'Content-Type: application/json' -d '{\"email\": \"$EMAIL\", \"password\": \"...\"}'" -- \
+    -X POST "$BASE/login" -H 'Content-Type: application/json' \
+    -d "{\"email\": \"$EMAIL\", \"password\": \"$PASSWORD\"}"
+  ACCESS=$(field accessToken)
+  REFRESH=$(field refreshToken)
+}
+
+post_token() {  # post_token EXPECTED_STATUS NAME: POST /token with the refresh token in $NAME
+  local name=$2
+  call "$1" "curl -s -X POST $BASE/token -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$$name\\\"}\"" -- \
+    -X POST "$BASE/token" -H 'Content-Type: application/json' -d "{\"refreshToken\": \"${!name}\"}"
+}
+
 step "1. Log in" \
   "POST /login checks the password and starts a session: a short-lived access token" \
   "and a long-lived refresh token."
-call 200 "curl -s -X POST $BASE/login -H 'Content-Type: application/json' -d '{\"email\": \"$EMAIL\", \"password\": \"...\"}'" -- \
-  -X POST "$BASE/login" -H 'Content-Type: application/json' \
-  -d "{\"email\": \"$EMAIL\", \"password\": \"$PASSWORD\"}"
-ACCESS=$(field accessToken)
-REFRESH=$(field refreshToken)
+log_in
 decode "access token" "$ACCESS"
 decode "refresh token" "$REFRESH"
 
@@ -83,8 +93,7 @@ call 401 "curl -s $BASE/me" -- "$BASE/me"
 step "4. Refresh" \
   "When the access token runs out, POST /token trades the refresh token for a new pair." \
   "The refresh token is spent by this: the answer carries its replacement (rotation)."
-call 200 "curl -s -X POST $BASE/token -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$REFRESH\\\"}\"" -- \
-  -X POST "$BASE/token" -H 'Content-Type: application/json' -d "{\"refreshToken\": \"$REFRESH\"}"
+post_token 200 REFRESH
 SPENT=$REFRESH
 REFRESH=$(field refreshToken)
 decode "new refresh token" "$REFRESH"
@@ -92,22 +101,16 @@ decode "new refresh token" "$REFRESH"
 step "5. Show the spent refresh token again" \
   "A spent token coming back means someone copied it. The service cannot tell the thief" \
   "from the user, so it ends the whole session (RFC 9700 §4.14.2): 403."
-call 403 "curl -s -X POST $BASE/token -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$SPENT\\\"}\"" -- \
-  -X POST "$BASE/token" -H 'Content-Type: application/json' -d "{\"refreshToken\": \"$SPENT\"}"
+post_token 403 SPENT
 
 step "6. ...and the new one died with its session" \
   "The replacement from step 4 belonged to the same session, so it is refused too."
-call 403 "curl -s -X POST $BASE/token -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$REFRESH\\\"}\"" -- \
-  -X POST "$BASE/token" -H 'Content-Type: application/json' -d "{\"refreshToken\": \"$REFRESH\"}"
+post_token 403 REFRESH
 
 step "7. Log in again, then log out" \
   "POST /logout ends the session of the refresh token; with the access token in the" \
   "Authorization header, that access token stops working at once as well."
-call 200 "curl -s -X POST $BASE/login ..." -- \
-  -X POST "$BASE/login" -H 'Content-Type: application/json' \
-  -d "{\"email\": \"$EMAIL\", \"password\": \"$PASSWORD\"}"
-ACCESS=$(field accessToken)
-REFRESH=$(field refreshToken)
+log_in
 call 204 "curl -s -X POST $BASE/logout -H \"Authorization: Bearer \$ACCESS\" -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$REFRESH\\\"}\"" -- \
   -X POST "$BASE/logout" -H "Authorization: Bearer $ACCESS" -H 'Content-Type: application/json' \
   -d "{\"refreshToken\": \"$REFRESH\"}"
