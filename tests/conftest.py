@@ -122,12 +122,21 @@ def serve(command, env, cwd, port, log_dir):
             wait_for_port(port, process)
             yield f"http://127.0.0.1:{port}", log_path
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process)
+
+
+def stop_group(process):
+    """Stop a process and every process of its session, even if the leader is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            process.wait()
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def user_env(**settings):
