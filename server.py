@@ -385,10 +385,11 @@ def refresh_token_transport() -> str:
 def presented_refresh_token() -> tuple[str, bool]:
     """Return the refresh token, from the body or else the cookie, and whether it was the cookie."""
     cookie = request.cookies.get(REFRESH_COOKIE)
-    body = request.get_json(silent=True)
-    if cookie and not (isinstance(body, dict) and "refreshToken" in body):
-        check_csrf()  # before anything is done with the cookie
-        return cookie, True
+    if cookie:
+        body = request.get_json(silent=True)
+        if not (isinstance(body, dict) and "refreshToken" in body):
+            check_csrf()  # before anything is done with the cookie
+            return cookie, True
     (token,) = json_fields("refreshToken")
     return token, False
 
