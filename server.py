@@ -355,8 +355,8 @@ def openapi() -> Response:
     return jsonify(current_app.extensions["openapi"])
 
 
-def json_fields(*names: str) -> list[str]:
-    """Return the named string fields of the JSON object in the request body."""
+def json_body() -> dict[str, Any]:
+    """Return the JSON object in the request body (Flask parses it once per request)."""
     try:
         body = request.get_json()
     except UnsupportedMediaType:
@@ -367,6 +367,12 @@ def json_fields(*names: str) -> list[str]:
         raise APIError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_body", "The request body must be a JSON object.")
+    return body
+
+
+def json_fields(*names: str) -> list[str]:
+    """Return the named string fields of the JSON object in the request body."""
+    body = json_body()
     for name in names:
         if not isinstance(body.get(name), str):
             raise APIError(400, "invalid_field", f"The field '{name}' must be a string.")
@@ -375,7 +381,7 @@ def json_fields(*names: str) -> list[str]:
 
 def refresh_token_transport() -> str:
     """Return where the client wants its refresh token: in the body (default) or a cookie."""
-    transport = request.get_json().get("refreshTokenTransport", "body")
+    transport = json_body().get("refreshTokenTransport", "body")
     if transport not in ("body", "cookie"):
         message = "The field 'refreshTokenTransport' must be 'body' or 'cookie'."
         raise APIError(400, "invalid_field", message)
@@ -383,15 +389,12 @@ def refresh_token_transport() -> str:
 
 
 def presented_refresh_token() -> tuple[str, bool]:
-    """Return the refresh token, from the body or else the cookie, and whether it was the cookie."""
-    cookie = request.cookies.get(REFRESH_COOKIE)
-    if cookie:
-        body = request.get_json(silent=True)
-        if not (isinstance(body, dict) and "refreshToken" in body):
-            check_csrf()  # before anything is done with the cookie
-            return cookie, True
-    (token,) = json_fields("refreshToken")
-    return token, False
+    """Return the refresh token, from the body or the cookie as the body says, and which."""
+    if refresh_token_transport() == "body":
+        (token,) = json_fields("refreshToken")
+        return token, False
+    check_csrf()  # before anything is done with the cookie
+    return request.cookies.get(REFRESH_COOKIE, ""), True
 
 
 def check_csrf(family: str | None = None) -> None:

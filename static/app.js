@@ -28,13 +28,12 @@ function decodePart(part) {
   return JSON.parse(atob(base64.padEnd(base64.length + ((4 - (base64.length % 4)) % 4), "=")));
 }
 
-async function post(path, body) {
-  const headers = { "X-CSRF-Token": csrfToken() };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+// Every call says "refreshTokenTransport": "cookie": the refresh token travels in the cookie.
+async function post(path, fields = {}) {
   return fetch(path, {
     method: "POST",
-    headers,
-    body: body === undefined ? undefined : JSON.stringify(body),
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
+    body: JSON.stringify({ ...fields, refreshTokenTransport: "cookie" }),
     credentials: "same-origin",
   });
 }
@@ -58,11 +57,7 @@ function showCountdown() {
 
 async function login(event) {
   event.preventDefault();
-  const answer = await post("/login", {
-    email: $("email").value,
-    password: $("password").value,
-    refreshTokenTransport: "cookie",
-  });
+  const answer = await post("/login", { email: $("email").value, password: $("password").value });
   const body = await answer.json();
   if (!answer.ok) return log(`Login refused: ${body.message}`, "error");
   useTokens(body);

@@ -707,7 +707,8 @@ def test_redis_url_must_be_a_redis_url(url):
 
 # --- the browser flow: the refresh token in a cookie ------------------------------------------
 
-COOKIE_LOGIN = DEMO | {"refreshTokenTransport": "cookie"}
+COOKIE = {"refreshTokenTransport": "cookie"}
+COOKIE_LOGIN = DEMO | COOKIE
 
 
 def set_cookies(response, name):
@@ -758,7 +759,7 @@ def test_cookies_are_secure_in_production():
 
 def test_cookie_refresh_rotates_the_cookie(cookie_client):
     before = cookie_client.get_cookie("refresh_token", path="/token").value
-    response = cookie_client.post("/token", headers=csrf_header(cookie_client))
+    response = cookie_client.post("/token", json=COOKIE, headers=csrf_header(cookie_client))
     assert response.status_code == 200
     assert "refreshToken" not in response.json
     after = cookie_client.get_cookie("refresh_token", path="/token").value
@@ -766,7 +767,7 @@ def test_cookie_refresh_rotates_the_cookie(cookie_client):
     assert after == cookie_client.get_cookie("refresh_token", path="/logout").value
     # The spent cookie, shown again, is reuse: the session ends.
     cookie_client.set_cookie("refresh_token", before, path="/token")
-    reused = cookie_client.post("/token", headers=csrf_header(cookie_client))
+    reused = cookie_client.post("/token", json=COOKIE, headers=csrf_header(cookie_client))
     assert reused.status_code == 403
 
 
@@ -776,7 +777,7 @@ def test_cookie_refresh_rotates_the_cookie(cookie_client):
     ids=["no header", "empty header", "wrong value"],
 )
 def test_cookie_refresh_without_the_csrf_token_is_refused(cookie_client, headers):
-    response = cookie_client.post("/token", headers=headers)
+    response = cookie_client.post("/token", json=COOKIE, headers=headers)
     assert (response.status_code, response.json) == (
         403,
         {
@@ -785,42 +786,51 @@ def test_cookie_refresh_without_the_csrf_token_is_refused(cookie_client, headers
         },
     )
     # Nothing was rotated: the session still works from its own page.
-    assert cookie_client.post("/token", headers=csrf_header(cookie_client)).status_code == 200
+    page = csrf_header(cookie_client)
+    assert cookie_client.post("/token", json=COOKIE, headers=page).status_code == 200
 
 
 def test_cookie_refresh_from_another_origin_is_refused(cookie_client):
     headers = csrf_header(cookie_client) | {"Origin": "https://evil.example"}
-    response = cookie_client.post("/token", headers=headers)
+    response = cookie_client.post("/token", json=COOKIE, headers=headers)
     assert (response.status_code, response.json["error"]) == (403, "csrf_failed")
     same_origin = csrf_header(cookie_client) | {"Origin": "http://localhost"}
-    assert cookie_client.post("/token", headers=same_origin).status_code == 200
+    assert cookie_client.post("/token", json=COOKIE, headers=same_origin).status_code == 200
 
 
 def test_a_csrf_token_of_another_session_does_not_fit(client):
     client.post("/login", json=COOKIE_LOGIN)
     other_session = csrf_header(client)
     client.post("/login", json=COOKIE_LOGIN)  # a new session, with its own cookies
-    assert client.post("/token", headers=other_session).status_code == 403
+    assert client.post("/token", json=COOKIE, headers=other_session).status_code == 403
 
 
 def test_cookie_logout_ends_the_session_and_clears_the_cookies(cookie_client):
-    response = cookie_client.post("/logout", headers=csrf_header(cookie_client))
+    response = cookie_client.post("/logout", json=COOKIE, headers=csrf_header(cookie_client))
     assert response.status_code == 204
     for name in ("refresh_token", "csrf_token"):
         assert all(cookie["max-age"] == "0" for cookie in set_cookies(response, name))
     assert cookie_client.get_cookie("refresh_token", path="/token") is None
-    assert cookie_client.post("/token").status_code == 415  # no cookie, no body: plain JSON again
+    assert cookie_client.post("/token", json=COOKIE).status_code == 403
 
 
 def test_cookie_logout_needs_the_csrf_token(cookie_client):
-    assert cookie_client.post("/logout").status_code == 403
-    assert cookie_client.post("/token", headers=csrf_header(cookie_client)).status_code == 200
+    assert cookie_client.post("/logout", json=COOKIE).status_code == 403
+    page = csrf_header(cookie_client)
+    assert cookie_client.post("/token", json=COOKIE, headers=page).status_code == 200
 
 
-def test_the_body_wins_over_the_cookie(cookie_client, auth_actions):
+def test_without_the_switch_the_body_is_used_even_with_a_cookie(cookie_client, auth_actions):
     tokens = auth_actions.tokens()  # a body-transport session of the same client
     response = auth_actions.refresh(tokens["refreshToken"])
     assert response.status_code == 200 and "refreshToken" in response.json
+    assert cookie_client.post("/token", json={}).status_code == 400  # no silent fallback
+
+
+@pytest.mark.parametrize("path", ["/token", "/logout"])
+def test_unknown_transport_at_token_and_logout(client, path):
+    response = client.post(path, json={"refreshToken": "x", "refreshTokenTransport": "header"})
+    assert (response.status_code, response.json["error"]) == (400, "invalid_field")
 
 
 def test_unknown_transport_is_refused(client):
@@ -850,6 +860,7 @@ def test_the_demo_page_and_its_headers(client):
 
 def test_a_cookie_request_is_checked_before_its_token_is_read(client):
     client.set_cookie("refresh_token", "not-a-token", path="/logout")
-    assert client.post("/logout").status_code == 403  # no CSRF proof: refused first
+    assert client.post("/logout", json=COOKIE).status_code == 403  # no CSRF proof: refused
     client.set_cookie("csrf_token", "same", path="/")
-    assert client.post("/logout", headers={"X-CSRF-Token": "same"}).status_code == 204
+    page = {"X-CSRF-Token": "same"}
+    assert client.post("/logout", json=COOKIE, headers=page).status_code == 204
