@@ -271,7 +271,7 @@ def refresh() -> Response:
     except InvalidToken as error:
         raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
     if in_cookie:
-        check_csrf(claims["fam"])
+        check_csrf_session(claims["fam"])
     family, new_jti = claims["fam"], new_id()
     outcome = current_app.extensions["store"].rotate(family, claims["jti"], new_jti)
     if outcome is Rotation.REUSED:
@@ -299,7 +299,7 @@ def logout() -> Response:
         pass  # Logging out is idempotent: an unknown or spent token has no session to end.
     else:
         if in_cookie:
-            check_csrf(claims["fam"])
+            check_csrf_session(claims["fam"])
         store.revoke(claims["fam"])
         audit("logout", user=claims["sub"], family=claims["fam"][:8])
     access_token = bearer_token()
@@ -397,24 +397,29 @@ def presented_refresh_token() -> tuple[str, bool]:
     return request.cookies.get(REFRESH_COOKIE, ""), True
 
 
-def check_csrf(family: str | None = None) -> None:
-    """Refuse a cookie-authenticated request that our own page did not send.
-
-    Given the session's family, also check that the CSRF token is that session's own.
-    """
+def check_csrf() -> None:
+    """Refuse a cookie-authenticated request that our own page did not send."""
     # OWASP CSRF Prevention Cheat Sheet: verify the origin with standard headers...
     origin = request.headers.get("Origin")
     if origin is not None and origin != request.host_url.rstrip("/"):
         raise APIError(403, "csrf_failed", "Cookie requests must come from this service's page.")
-    # ...and the signed double-submit cookie, which only a page of this origin can read.
+    # ...and the double-submit cookie, which only a page of this origin can read.
     sent = request.headers.get(CSRF_HEADER, "")
-    valid = bool(sent) and hmac.compare_digest(sent, request.cookies.get(CSRF_COOKIE, ""))
-    if family is not None:
-        expected = current_app.extensions["tokens"].csrf_token(family)
-        valid = valid and hmac.compare_digest(sent, expected)
-    if not valid:
-        message = f"Send the value of the {CSRF_COOKIE} cookie in the {CSRF_HEADER} header."
-        raise APIError(403, "csrf_failed", message)
+    if not sent or not hmac.compare_digest(sent, request.cookies.get(CSRF_COOKIE, "")):
+        raise csrf_failed()
+
+
+def check_csrf_session(family: str) -> None:
+    """Refuse a CSRF token that is not this session's own: the signed part of the check."""
+    expected = current_app.extensions["tokens"].csrf_token(family)
+    if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), expected):
+        raise csrf_failed()
+
+
+def csrf_failed() -> APIError:
+    """Return the 403 of a cookie request without the right CSRF token."""
+    message = f"Send the value of the {CSRF_COOKIE} cookie in the {CSRF_HEADER} header."
+    return APIError(403, "csrf_failed", message)
 
 
 def token_response(
