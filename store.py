@@ -154,14 +154,14 @@ class RedisStore:
         self._rotate = client.register_script(ROTATE_SCRIPT)
 
     def start(self, family: str, jti: str, expires_at: int) -> None:
-        self._redis.set(f"{self._prefix}family:{family}", jti, exat=expires_at)
+        self._redis.set(self._family_key(family), jti, exat=expires_at)
 
     def rotate(self, family: str, jti: str, new_jti: str) -> Rotation:
-        result = self._rotate(keys=[f"{self._prefix}family:{family}"], args=[jti, new_jti])
+        result = self._rotate(keys=[self._family_key(family)], args=[jti, new_jti])
         return ROTATION_BY_SCRIPT_RESULT[result]
 
     def revoke(self, family: str) -> None:
-        self._redis.delete(f"{self._prefix}family:{family}")
+        self._redis.delete(self._family_key(family))
 
     def deny(self, jti: str, expires_at: int) -> None:
         self._redis.set(f"{self._prefix}denied:{jti}", 1, exat=expires_at)
@@ -171,3 +171,6 @@ class RedisStore:
 
     def ping(self) -> None:
         self._redis.ping()
+
+    def _family_key(self, family: str) -> str:
+        return f"{self._prefix}family:{family}"
