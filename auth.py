@@ -1,161 +1,147 @@
-"""Passwords, minting and checking tokens, and the decorator that guards a route."""
+"""Tokens: minting and checking both kinds, and the decorator that guards a route."""
 
 import base64
 import functools
 import hashlib
 import hmac
-import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from flask import current_app, g, request
-from werkzeug.exceptions import HTTPException
-from werkzeug.security import check_password_hash, generate_password_hash
 
-# RFC 8725 §3.1: one algorithm, named by us, never taken from the token's header.
-ALGORITHM = "HS256"
+from errors import APIError
+from keys import KeyRing
+from store import Session, new_id
+
 # RFC 8725 §3.11: each kind of token says what it is in its `typ` header (RFC 9068 names at+jwt).
 ACCESS = "at+jwt"
 REFRESH = "rt+jwt"
+KIND_NAMES = {ACCESS: "an access token", REFRESH: "a refresh token"}
 # RFC 8725 §3.1: bound the work a stranger's input can cost before any decoding.
 MAX_TOKEN_LENGTH = 8192
-REQUIRED_CLAIMS = ["exp", "iat", "sub", "jti", "iss", "aud"]
+REQUIRED_CLAIMS = ["exp", "iat", "sub", "sid", "jti", "iss", "aud"]
 # RFC 8725 §3.10: headers that point at keys elsewhere; we never fetch one, and refuse them.
 KEY_POINTER_HEADERS = {"jwk", "jku", "x5u", "x5c"}
-# OWASP Password Storage Cheat Sheet: scrypt at N=2^15, r=8, p=3 (as strong as N=2^17, p=1,
-# with a quarter of the memory per login).
-PASSWORD_HASH_METHOD = "scrypt:32768:8:3"
-
-
-class APIError(HTTPException):
-    """An HTTP error with the snake_case code that the JSON error body carries."""
-
-    def __init__(
-        self, code: int, error: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(description=message)
-        self.code = code
-        self.error = error
-        self.headers = headers or {}
-
-    def get_headers(self, *args: Any) -> list[tuple[str, str]]:
-        return list(self.headers.items())
+# Our own words for PyJWT's refusals: a message never echoes what a stranger put in a token.
+REFUSALS = [
+    (jwt.ExpiredSignatureError, "The token has expired."),
+    (jwt.ImmatureSignatureError, "The token is not valid yet."),
+    (jwt.InvalidSignatureError, "The token's signature does not match."),
+    (jwt.InvalidAudienceError, "The token is not meant for this service."),
+    (jwt.InvalidIssuerError, "The token was not issued by this service."),
+    (jwt.InvalidAlgorithmError, "The token is signed with an algorithm this service refuses."),
+    (jwt.DecodeError, "The token is malformed."),
+]
 
 
 class InvalidToken(Exception):
     """The token is not one of ours, or not any longer."""
 
 
-def new_id() -> str:
-    """Return a fresh random id (128 bits), for token ids and family ids."""
-    return secrets.token_urlsafe(16)
-
-
-@dataclass(frozen=True)
-class User:
-    id: str
-    email: str
-    password_hash: str
-
-
-class Users:
-    """The accounts that may log in; here only the demo account, if one is configured."""
-
-    def __init__(self) -> None:
-        self._by_email: dict[str, User] = {}
-        # OWASP Authentication Cheat Sheet: an unknown email costs the same hashing work as a
-        # wrong password, so the timing does not tell which emails have accounts.
-        self._decoy_hash = generate_password_hash(new_id(), method=PASSWORD_HASH_METHOD)
-
-    def add(self, email: str, password: str) -> User:
-        """Create an account; emails are compared case-insensitively."""
-        password_hash = generate_password_hash(password, method=PASSWORD_HASH_METHOD)
-        user = User(str(len(self._by_email) + 1), email.lower(), password_hash)
-        self._by_email[user.email] = user
-        return user
-
-    def authenticate(self, email: str, password: str) -> User | None:
-        """Return the user these credentials belong to, or None."""
-        user = self._by_email.get(email.lower())
-        password_hash = user.password_hash if user else self._decoy_hash
-        if check_password_hash(password_hash, password) and user:
-            return user
-        return None
-
-    def get(self, user_id: str) -> User | None:
-        """Return the user with this id, or None."""
-        return next((user for user in self._by_email.values() if user.id == user_id), None)
-
-
 @dataclass(frozen=True)
 class Tokens:
-    """Mints and checks the two kinds of token, each with its own key (RFC 8725 §3.12)."""
+    """Mints and checks the two kinds of token, each with its own keys (RFC 8725 §3.12)."""
 
-    access_secret: str
-    refresh_secret: str
+    access_keys: KeyRing
+    refresh_keys: KeyRing
     access_ttl: int
     issuer: str
     audience: str
     leeway: int
 
-    def issue_access(self, sub: str, now: int) -> str:
-        """Return a new access token for the user ``sub``."""
-        claims = self._claims(sub, now, now + self.access_ttl)
-        return jwt.encode(claims, self.access_secret, ALGORITHM, headers={"typ": ACCESS})
+    def issue_access(self, session: Session, now: int) -> tuple[str, int]:
+        """Return a new access token of ``session`` and its lifetime: never past the session's."""
+        expires_at = min(now + self.access_ttl, session.expires_at)
+        claims = self._claims(session, new_id(), now, expires_at)
+        return self._sign(claims, self.access_keys, ACCESS), expires_at - now
 
-    def issue_refresh(self, sub: str, family: str, jti: str, expires_at: int, now: int) -> str:
-        """Return refresh token ``jti`` of ``family``; it dies with its family at ``expires_at``."""
-        claims = self._claims(sub, now, expires_at) | {"jti": jti, "fam": family}
-        return jwt.encode(claims, self.refresh_secret, ALGORITHM, headers={"typ": REFRESH})
+    def issue_refresh(self, session: Session) -> str:
+        """Return the session's current refresh token; the same string each time it is asked.
 
-    def csrf_token(self, family: str) -> str:
-        """Return the CSRF token of a session, bound to it by the refresh key.
+        HS256 is deterministic, so the token follows from the session's stored jti and iat:
+        a retry within the grace window gets exactly what the first answer had.
+        """
+        claims = self._claims(session, session.jti, session.issued_at, session.expires_at)
+        return self._sign(claims, self.refresh_keys, REFRESH)
+
+    def csrf_token(self, sid: str) -> str:
+        """Return the CSRF token of a session, bound to it by the refresh signing key.
 
         OWASP CSRF Prevention Cheat Sheet, signed double-submit cookie: a forger cannot make
         one, and one stolen from another session does not fit this one.
         """
-        message = f"csrf:{family}".encode()
-        digest = hmac.new(self.refresh_secret.encode(), message, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        return _csrf_digest(self.refresh_keys.signing.verifying, sid)
+
+    def csrf_matches(self, sid: str, sent: str) -> bool:
+        """Tell whether ``sent`` is the session's CSRF token under any refresh key we hold."""
+        sent_bytes = sent.encode("utf-8", "surrogatepass")
+        return any(
+            hmac.compare_digest(sent_bytes, _csrf_digest(key.verifying, sid).encode())
+            for key in self.refresh_keys.keys
+        )
 
     def decode(self, token: str, kind: str) -> dict[str, Any]:
         """Return the claims of a valid token of this kind, or raise InvalidToken."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("The token is longer than any token this service issues.")
-        secret = self.access_secret if kind == ACCESS else self.refresh_secret
         try:
-            decoded = jwt.decode_complete(
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("The token is malformed.") from None
+        typ = header.get("typ")
+        if typ != kind:
+            if typ in KIND_NAMES:  # ours, of the other kind: say which to send
+                raise InvalidToken(f"This is {KIND_NAMES[typ]}; send {KIND_NAMES[kind]}.")
+            raise InvalidToken(f"This is not {KIND_NAMES[kind]}.")
+        if KEY_POINTER_HEADERS & header.keys():
+            raise InvalidToken("The token's header points at a key; this service never uses one.")
+        ring = self.access_keys if kind == ACCESS else self.refresh_keys
+        key = ring.find(header.get("kid"))
+        if key is None:
+            # RFC 7515 §4.1.4: the kid names the key; one we do not hold (or retired) fails.
+            raise InvalidToken("The token is signed with a key this service does not hold.")
+        try:
+            return jwt.decode(
                 token,
-                secret,
-                algorithms=[ALGORITHM],
+                key.verifying,
+                algorithms=[ring.algorithm],  # RFC 8725 §3.1: pinned, never from the header
                 # RFC 8725 §3.8-3.9: the token must come from us and be meant for us.
                 issuer=self.issuer,
                 audience=self.audience,
                 leeway=self.leeway,
                 options={"require": REQUIRED_CLAIMS},
             )
+        except jwt.MissingRequiredClaimError as error:  # the claim's name is ours, not theirs
+            raise InvalidToken(f"The token lacks the '{error.claim}' claim.") from None
         except jwt.PyJWTError as error:  # InvalidKeyError included: never a 500
-            raise InvalidToken(f"{error}.".replace("..", ".")) from None
-        header = decoded["header"]
-        if header.get("typ") != kind:
-            raise InvalidToken(
-                f"This is not {'an access' if kind == ACCESS else 'a refresh'} token."
-            )
-        if KEY_POINTER_HEADERS & header.keys():
-            raise InvalidToken("The token's header points at a key; this service never uses one.")
-        return decoded["payload"]
+            message = next((text for kind_, text in REFUSALS if isinstance(error, kind_)), None)
+            raise InvalidToken(message or "The token is not valid.") from None
 
-    def _claims(self, sub: str, now: int, expires_at: int) -> dict[str, Any]:
+    def _claims(self, session: Session, jti: str, now: int, expires_at: int) -> dict[str, Any]:
         return {
             "iss": self.issuer,
             "aud": self.audience,
-            "sub": sub,
+            "sub": session.user,
+            "sid": session.id,
             "iat": now,
             "exp": expires_at,
-            "jti": new_id(),
+            "jti": jti,
         }
+
+    @staticmethod
+    def _sign(claims: dict[str, Any], ring: KeyRing, kind: str) -> str:
+        key = ring.signing
+        return jwt.encode(
+            claims, key.signing, ring.algorithm, headers={"typ": kind, "kid": key.kid}
+        )
+
+
+def _csrf_digest(secret: str, sid: str) -> str:
+    digest = hmac.new(secret.encode(), f"csrf:{sid}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def bearer_token() -> str | None:
@@ -164,8 +150,18 @@ def bearer_token() -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
+def invalid_access_token(message: str) -> APIError:
+    """Return the 401 of an access token that does not count (RFC 6750 §3.1)."""
+    return APIError(
+        401,
+        "invalid_token",
+        f"The access token is not valid: {message} Log in or refresh to get a new one.",
+        {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
+
+
 def token_required(view: Callable) -> Callable:
-    """Let the request through only with a valid access token, and put its claims on ``g``."""
+    """Let the request through only with a live session's access token; put it on ``g``."""
 
     @functools.wraps(view)
     def wrapped(**kwargs: Any) -> Any:
@@ -180,15 +176,13 @@ def token_required(view: Callable) -> Callable:
             )
         try:
             g.claims = current_app.extensions["tokens"].decode(token, ACCESS)
-            if current_app.extensions["store"].is_denied(g.claims["jti"]):
-                raise InvalidToken("The token was revoked at logout.")
         except InvalidToken as error:
-            raise APIError(
-                401,
-                "invalid_token",
-                f"The access token is not valid: {error} Log in or refresh to get a new one.",
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            ) from None
+            raise invalid_access_token(str(error)) from None
+        # An access token lives only while its session does: one lookup, no deny list.
+        session = current_app.extensions["store"].get(g.claims["sid"], int(time.time()))
+        if session is None or session.user != g.claims["sub"]:
+            raise invalid_access_token("Its session has ended.")
+        g.session = session
         return view(**kwargs)
 
     return wrapped

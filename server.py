@@ -1,18 +1,18 @@
-"""The service: settings, the app factory, the routes and the error handler.
+"""The service: the app factory and the routes, in the order a client meets them.
 
-Run it with ``python server.py`` (Flask's threaded server) or ``flask --app server run``.
+``POST /login`` starts a session and answers with an access and a refresh token;
+``POST /token`` trades the refresh token for a new pair; ``POST /logout`` ends the session;
+``GET /me`` is what an access token is for. Run it with ``python server.py``.
 """
 
 import hmac
 import json
 import logging
-import math
 import os
-import re
-import secrets
 import sys
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,131 +20,260 @@ import click
 import redis
 import yaml
 from dotenv import load_dotenv
-from flask import Flask, Response, current_app, g, jsonify, request
-from flask_limiter import Limiter, RequestLimit
-from jwt.algorithms import HMACAlgorithm
-from jwt.exceptions import InvalidKeyError
-from limits import parse_many
-from werkzeug.exceptions import BadRequest, HTTPException, UnsupportedMediaType
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from limits.storage import MemoryStorage, RedisStorage
+from werkzeug.serving import WSGIRequestHandler
 
-from auth import (
-    ACCESS,
-    REFRESH,
-    APIError,
-    InvalidToken,
-    Tokens,
-    Users,
-    bearer_token,
-    new_id,
-    token_required,
+from auth import ACCESS, REFRESH, InvalidToken, Tokens, token_required
+from browser import (
+    check_csrf_session,
+    cookie_refresh_token,
+    page_headers,
+    set_session_cookies,
+    wants_cookie,
 )
-from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
+from errors import APIError, register_error_handlers
+from keys import eddsa_ring, hmac_ring
+from settings import ConfigError, load_settings
+from store import REDIS_OPTIONS, MemoryStore, Policy, RedisStore, Rotation, Session, new_id
+from throttle import LoginGuard
+from users import Users, users_cli
 
-# Servers that run the app in several processes, found by their modules in the worker.
-MULTI_WORKER_SERVERS = ("gunicorn", "granian")
+MAX_BODY = 64 * 1024
+MAX_EMAIL = 254  # RFC 5321 §4.5.3.1.3: the longest path a mail address can travel
+MAX_PASSWORD = 1024  # OWASP Authentication Cheat Sheet: long enough for any passphrase
+MAX_USER_AGENT = 256
+LOGOUT_SCOPES = ("local", "others", "global")
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
-# The browser flow: the refresh token in an HttpOnly cookie, and a CSRF token to echo.
-REFRESH_COOKIE, CSRF_COOKIE, CSRF_HEADER = "refresh_token", "csrf_token", "X-CSRF-Token"
-# OWASP HTTP Security Response Headers Cheat Sheet, for the demo page and its files.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; "
-    "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
-}
-MIN_SECRET_LENGTH = 32  # RFC 7518 §3.2: an HS256 key is at least as long as its hash, 256 bits
 # The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
 AUDIT_LOG = logging.getLogger("audit")
 
-
-class ConfigError(click.ClickException):
-    """A setting that cannot be used; click prints the message without a traceback."""
+api = Blueprint("api", __name__)
 
 
-def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]:
-    """Read, convert and check every setting; raise ConfigError naming the variable at fault."""
-    app_env = env.get("APP_ENV") or "development"
-    if app_env not in ("development", "production"):
-        raise ConfigError(f"APP_ENV must be 'development' or 'production', not {app_env!r}.")
-    production = app_env == "production"
-    settings = {
-        "APP_ENV": app_env,
-        "ACCESS_TOKEN_SECRET": _secret(env, "ACCESS_TOKEN_SECRET", production, log),
-        "REFRESH_TOKEN_SECRET": _secret(env, "REFRESH_TOKEN_SECRET", production, log),
-        "ACCESS_TOKEN_TTL": _integer(env, "ACCESS_TOKEN_TTL", 900, minimum=1),
-        "REFRESH_TOKEN_TTL": _integer(env, "REFRESH_TOKEN_TTL", 1_209_600, minimum=1),
-        "JWT_LEEWAY": _integer(env, "JWT_LEEWAY", 5, minimum=0),
-        "JWT_ISSUER": env.get("JWT_ISSUER") or "jwt-refresh-service",
-        "JWT_AUDIENCE": env.get("JWT_AUDIENCE") or "jwt-refresh-service",
-        "LOGIN_RATE_LIMIT": _rate_limit(env, "LOGIN_RATE_LIMIT", "10 per 15 minutes"),
-        "DEMO_USER_EMAIL": env.get("DEMO_USER_EMAIL") or "demo@example.com",
-        "DEMO_USER_PASSWORD": env.get("DEMO_USER_PASSWORD")
-        or (None if production else "demo-password"),
-        "HOST": env.get("HOST") or "127.0.0.1",
-        "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
-        "REDIS_URL": _redis_url(env, "REDIS_URL"),
-    }
-    if settings["ACCESS_TOKEN_SECRET"] == settings["REFRESH_TOKEN_SECRET"]:
-        # RFC 8725 §3.12: one key per kind of token, so one kind can never pass for the other.
-        message = "ACCESS_TOKEN_SECRET and REFRESH_TOKEN_SECRET must differ."
-        if production:
-            raise ConfigError(message)
-        log.warning("%s Tokens are still told apart by their type, but use two secrets.", message)
-    return settings
-
-
-def _secret(env: Mapping[str, str], name: str, production: bool, log: logging.Logger) -> str:
-    value = env.get(name)
-    if value and len(value) >= MIN_SECRET_LENGTH:
-        try:
-            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(value)
-        except InvalidKeyError:
-            raise ConfigError(f"{name} looks like a PEM or SSH key; use a random string.") from None
-        return value
-    if production:
-        problem = "is not set" if not value else f"is shorter than {MIN_SECRET_LENGTH} characters"
-        raise ConfigError(f"{name} {problem}; production needs a long random secret.")
-    if value:
-        raise ConfigError(f"{name} is shorter than {MIN_SECRET_LENGTH} characters.")
-    log.warning("%s is not set: using a random one, so tokens die with this process.", name)
-    return secrets.token_urlsafe(32)
-
-
-def _integer(
-    env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None
-) -> int:
-    raw = env.get(name) or str(default)
+@api.post("/login")
+def login() -> Response:
+    """Check the email and password, then start a session: an access and a refresh token."""
+    body = json_body()
+    email = text_field(body, "email", MAX_EMAIL)
+    password = text_field(body, "password", MAX_PASSWORD)
+    in_cookie = wants_cookie(body)
+    guard = current_app.extensions["login_guard"]
     try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}.") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and at most {maximum}" if maximum is not None else ""
-        raise ConfigError(f"{name} must be at least {minimum}{upper}, not {value}.")
-    return value
+        guard.count_attempt(email, request.remote_addr)  # before any hashing
+    except APIError as error:
+        audit("login_throttled", limit=getattr(error, "limit", ""))
+        raise
+    with guard.hashing_slot():
+        user = current_app.extensions["users"].authenticate(email, password)
+    if user is None:
+        audit("login_failed")
+        # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
+        raise APIError(401, "invalid_credentials", "The email or password is incorrect.")
+    guard.succeeded(email, request.remote_addr)
+    now = int(time.time())
+    user_agent = request.headers.get("User-Agent", "")[:MAX_USER_AGENT]
+    session = current_app.extensions["policy"].new_session(
+        user.id, now, user_agent, request.remote_addr
+    )
+    for evicted in current_app.extensions["store"].start(session, now):
+        # OWASP Session Management Cheat Sheet: a cap on sessions per user; the oldest goes.
+        audit("session_evicted", user=user.id, session=evicted[:8])
+    audit("login_succeeded", user=user.id, session=session.id[:8])
+    return token_response(session, now, in_cookie)
 
 
-def _redis_url(env: Mapping[str, str], name: str) -> str | None:
-    url = env.get(name) or None
-    if url:
-        try:
-            redis.connection.parse_url(url)
-        except ValueError as error:
-            raise ConfigError(f"{name} is not a Redis URL ({error}).") from None
-    return url
-
-
-def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name) or default
+@api.post("/token")
+def refresh() -> Response:
+    """Trade a refresh token for a new pair; the presented one is spent (RFC 9700 §4.14.2)."""
+    body = json_body()
+    in_cookie = wants_cookie(body)
+    token = cookie_refresh_token() if in_cookie else text_field(body, "refreshToken")
     try:
-        parse_many(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must read like '10 per 15 minutes', not {raw!r}.") from None
-    return raw
+        claims = current_app.extensions["tokens"].decode(token, REFRESH)
+    except InvalidToken as error:
+        raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
+    if in_cookie:
+        check_csrf_session(claims["sid"])
+    now, sid = int(time.time()), claims["sid"]
+    outcome, session = current_app.extensions["store"].rotate(
+        sid, claims["jti"], new_jti=new_id(), user=claims["sub"], now=now, ip=request.remote_addr
+    )
+    if outcome is Rotation.REUSED:
+        # RFC 9700 §4.14.2: a spent token shown again means two parties hold it, and we
+        # cannot tell the thief from the user, so the whole session ends.
+        audit("session_ended", user=claims["sub"], session=sid[:8], reason="reuse")
+        raise invalid_refresh_token(
+            "This refresh token was already used, so the session was ended."
+        )
+    if session is None:
+        raise invalid_refresh_token("This refresh token's session has ended.")
+    # RFC 9700 §4.14.2 allows a grace period: the token just spent, retried within
+    # REFRESH_REUSE_GRACE seconds (two tabs, a lost answer), gets the same current token.
+    audit("refresh_replayed" if outcome is Rotation.REPLAYED else "refreshed",
+          user=session.user, session=sid[:8])  # fmt: skip
+    return token_response(session, now, in_cookie)
+
+
+@api.post("/logout")
+def logout() -> Response:
+    """End the refresh token's session, the user's other sessions, or all of them."""
+    body = json_body()
+    scope = body.get("scope", "local")
+    if scope not in LOGOUT_SCOPES:
+        message = "The field 'scope' must be 'local', 'others' or 'global'."
+        raise APIError(400, "invalid_field", message)
+    in_cookie = wants_cookie(body)
+    token = cookie_refresh_token() if in_cookie else text_field(body, "refreshToken")
+    try:
+        claims = current_app.extensions["tokens"].decode(token, REFRESH)
+    except InvalidToken:
+        pass  # Logging out is idempotent: an unknown or spent token has no session to end.
+    else:
+        if in_cookie:
+            check_csrf_session(claims["sid"])
+        end_sessions(claims["sub"], claims["sid"], scope)
+    response = current_app.response_class(status=204)
+    if in_cookie and scope != "others":
+        set_session_cookies(response)  # empty, expiring now: the browser drops them
+    return response
+
+
+def end_sessions(user: str, sid: str, scope: str) -> None:
+    """End the sessions a logout of this scope names, starting from session ``sid``."""
+    store, now = current_app.extensions["store"], int(time.time())
+    if scope == "local":
+        ended = [sid] if store.end(sid, user, now) else []
+    elif store.get(sid, now) is None:
+        ended = []  # a stale token of an ended session ends nothing more
+    else:
+        ended = store.end_all(user, keep=sid if scope == "others" else None)
+    audit("logout", user=user, session=sid[:8], scope=scope)
+    for other in ended:
+        audit("session_ended", user=user, session=other[:8], reason=f"logout_{scope}")
+
+
+@api.get("/me")
+@token_required
+def me() -> Response:
+    """Return who the access token belongs to: what an access token is for."""
+    user = current_app.extensions["users"].get(g.claims["sub"])
+    if user is None:
+        raise APIError(
+            401,
+            "invalid_token",
+            "The access token's account no longer exists.",
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return jsonify(id=user.id, email=user.email)
+
+
+@api.get("/sessions")
+@token_required
+def list_sessions() -> Response:
+    """List the caller's live sessions, most recently used first: where am I logged in?"""
+    store, now = current_app.extensions["store"], int(time.time())
+    sessions = store.sessions(g.claims["sub"], now)
+    return jsonify(sessions=[describe(session, g.claims["sid"]) for session in sessions])
+
+
+@api.delete("/sessions/<sid>")
+@token_required
+def end_session(sid: str) -> Response:
+    """End one of the caller's sessions, and with it all its tokens."""
+    store, user = current_app.extensions["store"], g.claims["sub"]
+    if not store.end(sid, user, int(time.time())):
+        # The same answer for unknown, ended and other users' ids: ids are not probed.
+        raise APIError(404, "session_not_found", "You have no live session with that id.")
+    audit("session_ended", user=user, session=sid[:8], reason="ended_by_user")
+    return current_app.response_class(status=204)
+
+
+@api.get("/.well-known/jwks.json")
+def jwks() -> Response:
+    """Publish the public keys that verify access tokens (RFC 7517), for other services."""
+    response = jsonify(current_app.extensions["tokens"].access_keys.jwks())
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+@api.post("/introspect")
+def introspect() -> Response:
+    """Tell a registered client whether a token is active, and whose (RFC 7662)."""
+    clients = current_app.config["INTROSPECTION_CLIENTS"]
+    if not clients:
+        raise APIError(404, "not_found", "Token introspection is not enabled on this service.")
+    authenticate_client(clients)
+    token = request.form.get("token")
+    if not token:
+        raise APIError(400, "invalid_request", "Send the token in the form field 'token'.")
+    kinds = [ACCESS, REFRESH]
+    if request.form.get("token_type_hint") == "refresh_token":
+        kinds.reverse()  # RFC 7662 §2.1: the hint only orders the search
+    answer = next(filter(None, (active_claims(token, kind) for kind in kinds)), None)
+    return jsonify(answer or {"active": False})
+
+
+def authenticate_client(clients: dict[str, str]) -> None:
+    """Let only a client of INTROSPECTION_CLIENTS through, with HTTP Basic (RFC 7662 §2.1)."""
+    credentials = request.authorization
+    client_id = credentials.username if credentials and credentials.type == "basic" else None
+    guard = current_app.extensions["login_guard"]
+    if client_id is not None:
+        guard.count_attempt(client_id, request.remote_addr, ("email_address",))
+        expected = clients.get(client_id, "")
+        if same_text(credentials.password or "", expected) and expected:
+            guard.succeeded(client_id, request.remote_addr)
+            return
+        audit("introspection_client_refused")
+    raise APIError(
+        401,
+        "invalid_client",
+        "Authenticate with HTTP Basic as a client listed in INTROSPECTION_CLIENTS.",
+        {"WWW-Authenticate": 'Basic realm="introspection"'},
+    )
+
+
+def active_claims(token: str, kind: str) -> dict[str, Any] | None:
+    """Return the introspection answer for a live token of this kind, or None."""
+    try:
+        claims = current_app.extensions["tokens"].decode(token, kind)
+    except InvalidToken:
+        return None
+    session = current_app.extensions["store"].get(claims["sid"], int(time.time()))
+    if session is None or session.user != claims["sub"]:
+        return None
+    if kind == REFRESH and claims["jti"] != session.jti:
+        return None  # spent: only a session's current refresh token is active
+    token_type = "access_token" if kind == ACCESS else "refresh_token"
+    fields = ("sub", "sid", "exp", "iat", "jti", "iss", "aud")
+    return {"active": True, "token_type": token_type} | {name: claims[name] for name in fields}
+
+
+@api.get("/healthz")
+def healthz() -> Response:
+    """Tell a load balancer whether this instance can serve: its store must answer."""
+    store = current_app.extensions["store"]
+    store.ping()  # a Redis error becomes the 503 of store_unavailable
+    return jsonify(status="ok", store=store.kind)
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    """Serve this service's OpenAPI description, openapi.yaml, as JSON."""
+    return jsonify(current_app.extensions["openapi"])
+
+
+@api.get("/")
+def index() -> Response:
+    """Serve the demo page of the browser flow."""
+    return page_headers(current_app.send_static_file("index.html"))
+
+
+@api.get("/favicon.ico")
+def favicon() -> Response:
+    """Answer the browser's automatic icon request without a 404 (the page links its own)."""
+    return current_app.response_class(status=204)
 
 
 def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
@@ -160,300 +289,178 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     env = os.environ if test_config is None else test_config
     settings = load_settings(env, app.logger)
     app.config.update(settings)
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
+    policy = app.extensions["policy"] = Policy(
+        idle_ttl=settings["SESSION_IDLE_TTL"],
+        max_sessions=settings["MAX_SESSIONS_PER_USER"],
+        grace=settings["REFRESH_REUSE_GRACE"],
+        lifetime=settings["REFRESH_TOKEN_TTL"],
+    )
     if settings["REDIS_URL"]:
-        app.extensions["store"] = RedisStore(
-            redis.Redis.from_url(settings["REDIS_URL"], **REDIS_OPTIONS)
-        )
+        client = redis.Redis.from_url(settings["REDIS_URL"], **REDIS_OPTIONS)
+        app.extensions["store"] = RedisStore(client, policy)
+        counters = RedisStorage(settings["REDIS_URL"], connection_pool=client.connection_pool)
     else:
-        app.extensions["store"] = MemoryStore()
-    check_server_fit(app, env)
+        app.extensions["store"] = MemoryStore(policy)
+        counters = MemoryStorage()
+        if settings["SERVER"]:
+            app.logger.warning(
+                "Running under %s with the in-memory store: with more than one worker, each "
+                "worker has its own sessions. Set REDIS_URL.",
+                settings["SERVER"],
+            )
+    app.extensions["login_guard"] = LoginGuard(
+        counters,
+        {
+            "email_address": settings["LOGIN_RATE_LIMIT"],
+            "account": settings["LOGIN_ACCOUNT_RATE_LIMIT"],
+            "address": settings["LOGIN_ADDRESS_RATE_LIMIT"],
+        },
+        settings["MAX_CONCURRENT_LOGINS"],
+    )
     app.extensions["tokens"] = Tokens(
-        access_secret=settings["ACCESS_TOKEN_SECRET"],
-        refresh_secret=settings["REFRESH_TOKEN_SECRET"],
+        access_keys=access_keys(settings, app.logger),
+        refresh_keys=hmac_ring(
+            settings["REFRESH_TOKEN_SECRET"], settings["REFRESH_TOKEN_PREVIOUS_SECRETS"]
+        ),
         access_ttl=settings["ACCESS_TOKEN_TTL"],
         issuer=settings["JWT_ISSUER"],
         audience=settings["JWT_AUDIENCE"],
         leeway=settings["JWT_LEEWAY"],
     )
+    app.extensions["users"] = load_users(settings, app.logger)
     app.extensions["openapi"] = yaml.safe_load(OPENAPI_PATH.read_text())
-    users = app.extensions["users"] = Users()
-    if settings["DEMO_USER_PASSWORD"]:
-        users.add(settings["DEMO_USER_EMAIL"], settings["DEMO_USER_PASSWORD"])
 
-    limiter = Limiter(
-        login_throttle_key,
-        app=app,
-        strategy="moving-window",  # at most N failures in any window, not per clock minute
-        storage_uri=settings["REDIS_URL"] or "memory://",
-        storage_options=REDIS_OPTIONS,
-    )
-    # Only /login is throttled; skip the limiter's per-request work everywhere else.
-    limiter.request_filter(lambda: request.endpoint != "login")
-    # OWASP Authentication Cheat Sheet: throttle failed logins per account and client address.
-    throttle_failed_logins = limiter.limit(
-        settings["LOGIN_RATE_LIMIT"],
-        deduct_when=lambda response: response.status_code == 401,
-        on_breach=login_throttled,
-    )
-
-    app.post("/login")(throttle_failed_logins(login))
-    app.post("/token")(refresh)
-    app.post("/logout")(logout)
-    app.get("/me")(me)
-    app.get("/healthz")(healthz)
-    app.get("/openapi.json")(openapi)
-    app.get("/")(index)
-    app.after_request(page_security_headers)
-    app.register_error_handler(HTTPException, handle_http_error)
-    app.register_error_handler(redis.RedisError, store_unavailable)
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    app.after_request(common_headers)
+    app.cli.add_command(users_cli)
     return app
 
 
-def check_server_fit(app: Flask, env: Mapping[str, str]) -> None:
-    """Refuse or warn about settings that break under a multi-process server."""
-    server = next((name for name in MULTI_WORKER_SERVERS if name in sys.modules), None)
-    if server is None:
-        return
-    for name in ("ACCESS_TOKEN_SECRET", "REFRESH_TOKEN_SECRET"):
-        if not env.get(name):
-            # Each worker would draw its own random key, and reject the others' tokens.
-            raise ConfigError(f"{name} must be set under {server}, whose workers must share it.")
-    if not app.config["REDIS_URL"]:
-        app.logger.warning(
-            "Running under %s with the in-memory store: with more than one worker, each "
-            "worker has its own sessions and refreshes fail at random. Set REDIS_URL.",
-            server,
-        )
-
-
-def login_throttle_key() -> str:
-    """Count failures per email and client address, so one email never locks out another."""
-    body = request.get_json(silent=True)
-    email = body.get("email") if isinstance(body, dict) else None
-    return f"{str(email).lower()}|{request.remote_addr}"
-
-
-def login_throttled(limit: RequestLimit) -> Response:
-    """Answer 429 with the seconds to wait until the window lets this email try again."""
-    audit("login_throttled")
-    retry_after = max(1, math.ceil(limit.reset_at - time.time()))
-    message = f"Too many failed logins for this email from your address; retry in {retry_after} s."
-    # RFC 6585 §4: a 429 may say in Retry-After how long to wait.
-    return handle_http_error(
-        APIError(429, "too_many_requests", message, {"Retry-After": str(retry_after)})
+def access_keys(settings: dict[str, Any], log: logging.Logger) -> Any:
+    """Build the keys of access tokens: HMAC secrets, or an Ed25519 key pair (EdDSA)."""
+    if settings["ACCESS_TOKEN_ALGORITHM"] == "HS256":
+        return hmac_ring(settings["ACCESS_TOKEN_SECRET"], settings["ACCESS_TOKEN_PREVIOUS_SECRETS"])
+    return eddsa_ring(
+        settings["ACCESS_TOKEN_PRIVATE_KEY_FILE"],
+        settings["ACCESS_TOKEN_PREVIOUS_PUBLIC_KEY_FILES"],
+        log,
+        # A key made per process serves one development process; never production's workers.
+        allow_generated=settings["APP_ENV"] == "development" and not settings["SERVER"],
     )
 
 
-def login() -> Response:
-    """Check the email and password, then start a session: an access and a refresh token."""
-    email, password = json_fields("email", "password")
-    in_cookie = refresh_token_transport() == "cookie"
-    user = current_app.extensions["users"].authenticate(email, password)
-    if user is None:
-        audit("login_failed")
-        # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
-        raise APIError(401, "invalid_credentials", "The email or password is incorrect.")
-    now = int(time.time())
-    family, jti = new_id(), new_id()
-    expires_at = now + current_app.config["REFRESH_TOKEN_TTL"]
-    current_app.extensions["store"].start(family, jti, expires_at)
-    audit("login_succeeded", user=user.id, family=family[:8])
-    return token_response(user.id, family, jti, expires_at, now, in_cookie)
-
-
-def refresh() -> Response:
-    """Trade a refresh token for a new pair; the presented one is spent (RFC 9700 §4.14.2)."""
-    token, in_cookie = presented_refresh_token()
-    try:
-        claims = current_app.extensions["tokens"].decode(token, REFRESH)
-    except InvalidToken as error:
-        raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
-    if in_cookie:
-        check_csrf_session(claims["fam"])
-    family, new_jti = claims["fam"], new_id()
-    outcome = current_app.extensions["store"].rotate(family, claims["jti"], new_jti)
-    if outcome is Rotation.REUSED:
-        # RFC 9700 §4.14.2: a spent token shown again means two parties hold it, and we
-        # cannot tell the thief from the user, so the whole family is now revoked.
-        audit("reuse_detected", user=claims["sub"], family=family[:8], revoked="family")
-        raise invalid_refresh_token(
-            "This refresh token was already used, so the session was ended."
-        )
-    if outcome is Rotation.UNKNOWN:
-        raise invalid_refresh_token("This refresh token's session has ended.")
-    audit("refreshed", user=claims["sub"], family=family[:8])
-    # ASVS 10.4.8: the new token keeps the family's expiry, so rotation never extends a session.
-    now = int(time.time())
-    return token_response(claims["sub"], family, new_jti, claims["exp"], now, in_cookie)
-
-
-def logout() -> Response:
-    """End the session of the refresh token and, if one is sent, revoke the access token."""
-    token, in_cookie = presented_refresh_token()
-    tokens, store = current_app.extensions["tokens"], current_app.extensions["store"]
-    try:
-        claims = tokens.decode(token, REFRESH)
-    except InvalidToken:
-        pass  # Logging out is idempotent: an unknown or spent token has no session to end.
-    else:
-        if in_cookie:
-            check_csrf_session(claims["fam"])
-        store.revoke(claims["fam"])
-        audit("logout", user=claims["sub"], family=claims["fam"][:8])
-    access_token = bearer_token()
-    if access_token:
+def load_users(settings: dict[str, Any], log: logging.Logger) -> Users:
+    """Read the accounts of USERS_FILE, and add the demo account where the settings say."""
+    # The `flask users` commands must run before the file exists: they create it.
+    from_cli = click.get_current_context(silent=True) is not None and not settings["SERVER"]
+    path = settings["USERS_FILE"]
+    required = settings["APP_ENV"] == "production" and path is not None and not from_cli
+    users = Users.load(path, required=required, log=log)
+    if settings["DEMO_USER_PASSWORD"]:
         try:
-            access = tokens.decode(access_token, ACCESS)
-        except InvalidToken:
-            pass  # An invalid access token grants nothing, so there is nothing to revoke.
-        else:
-            # OWASP JWT Cheat Sheet (token revocation): deny its jti until it would expire anyway.
-            store.deny(access["jti"], access["exp"])
-    response = current_app.response_class(status=204)
-    if in_cookie:
-        set_session_cookies(response)  # empty, expiring now: the browser drops them
+            users.add(settings["DEMO_USER_EMAIL"], settings["DEMO_USER_PASSWORD"])
+        except ValueError:
+            raise ConfigError("DEMO_USER_EMAIL already has an account in USERS_FILE.") from None
+    return users
+
+
+def common_headers(response: Response) -> Response:
+    """Headers every answer carries, whatever route or error produced it."""
+    # OWASP HTTP Security Response Headers Cheat Sheet: never let a browser guess the type.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    # RFC 6749 §5.1 and RFC 9111 §5.2.2.5: tokens and personal data are never cached; routes
+    # that may be cached (the JWKS, the page's files) say so themselves.
+    response.headers.setdefault("Cache-Control", "no-store")
     return response
-
-
-@token_required
-def me() -> Response:
-    """Return who the access token belongs to: what an access token is for."""
-    user = current_app.extensions["users"].get(g.claims["sub"])
-    if user is None:
-        raise APIError(
-            401,
-            "invalid_token",
-            "The access token's account no longer exists.",
-            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    return jsonify(id=user.id, email=user.email)
-
-
-def index() -> Response:
-    """Serve the demo page of the browser flow."""
-    return current_app.send_static_file("index.html")
-
-
-def page_security_headers(response: Response) -> Response:
-    """Give the page and its files the browser's protections."""
-    if request.endpoint in ("index", "static"):
-        response.headers.update(PAGE_HEADERS)
-    return response
-
-
-def healthz() -> Response:
-    """Tell a load balancer whether this instance can serve: its store must answer."""
-    store = current_app.extensions["store"]
-    store.ping()  # a Redis error becomes the 503 of store_unavailable
-    return jsonify(status="ok", store=store.kind)
-
-
-def openapi() -> Response:
-    """Serve this service's OpenAPI description, openapi.yaml, as JSON."""
-    return jsonify(current_app.extensions["openapi"])
 
 
 def json_body() -> dict[str, Any]:
-    """Return the JSON object in the request body (Flask parses it once per request)."""
-    try:
-        body = request.get_json()
-    except UnsupportedMediaType:
+    """Return the JSON object in the request body, parsed once per request."""
+    if "body" in g:
+        return g.body
+    if not request.is_json:
         raise APIError(
             415, "unsupported_media_type", "Send a JSON body with 'Content-Type: application/json'."
-        ) from None
-    except BadRequest:
+        )
+    try:
+        body = json.loads(read_body())
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond reason
         raise APIError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_body", "The request body must be a JSON object.")
+    g.body = body
     return body
 
 
-def json_fields(*names: str) -> list[str]:
-    """Return the named string fields of the JSON object in the request body."""
-    body = json_body()
-    for name in names:
-        if not isinstance(body.get(name), str):
-            raise APIError(400, "invalid_field", f"The field '{name}' must be a string.")
-    return [body[name] for name in names]
+def read_body() -> bytes:
+    """Read the body, refusing one over MAX_BODY however it is framed (chunked included)."""
+    stream, chunks, size = request.stream, [], 0
+    while size <= MAX_BODY:
+        chunk = stream.read(MAX_BODY + 1 - size)  # Werkzeug raises 413 past its own limit
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_BODY:
+        raise APIError(413, "request_entity_too_large", "The request body is over 64 KiB.")
+    return b"".join(chunks)
 
 
-def refresh_token_transport() -> str:
-    """Return where the client wants its refresh token: in the body (default) or a cookie."""
-    transport = json_body().get("refreshTokenTransport", "body")
-    if transport not in ("body", "cookie"):
-        message = "The field 'refreshTokenTransport' must be 'body' or 'cookie'."
+def text_field(body: dict[str, Any], name: str, max_length: int = MAX_BODY) -> str:
+    """Return the body's string field ``name``: present, valid Unicode and not too long."""
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise APIError(400, "invalid_field", f"The field '{name}' must be a string.")
+    if len(value) > max_length:
+        message = f"The field '{name}' is longer than {max_length} characters."
         raise APIError(400, "invalid_field", message)
-    return transport
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can carry lone surrogates, which are not text
+        raise APIError(400, "invalid_field", f"The field '{name}' is not valid text.") from None
+    return value
 
 
-def presented_refresh_token() -> tuple[str, bool]:
-    """Return the refresh token, from the body or the cookie as the body says, and which."""
-    if refresh_token_transport() == "body":
-        (token,) = json_fields("refreshToken")
-        return token, False
-    check_csrf()  # before anything is done with the cookie
-    return request.cookies.get(REFRESH_COOKIE, ""), True
+def same_text(sent: str, expected: str) -> bool:
+    """Compare two strings in constant time, whatever characters they hold."""
+    return hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), expected.encode())
 
 
-def check_csrf() -> None:
-    """Refuse a cookie-authenticated request that our own page did not send."""
-    # OWASP CSRF Prevention Cheat Sheet: verify the origin with standard headers...
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != request.host_url.rstrip("/"):
-        raise APIError(403, "csrf_failed", "Cookie requests must come from this service's page.")
-    # ...and the double-submit cookie, which only a page of this origin can read.
-    sent = request.headers.get(CSRF_HEADER, "")
-    if not sent or not hmac.compare_digest(sent, request.cookies.get(CSRF_COOKIE, "")):
-        raise csrf_failed()
-
-
-def check_csrf_session(family: str) -> None:
-    """Refuse a CSRF token that is not this session's own: the signed part of the check."""
-    expected = current_app.extensions["tokens"].csrf_token(family)
-    if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), expected):
-        raise csrf_failed()
-
-
-def csrf_failed() -> APIError:
-    """Return the 403 of a cookie request without the right CSRF token."""
-    message = f"Send the value of the {CSRF_COOKIE} cookie in the {CSRF_HEADER} header."
-    return APIError(403, "csrf_failed", message)
-
-
-def token_response(
-    sub: str, family: str, jti: str, expires_at: int, now: int, in_cookie: bool = False
-) -> Response:
-    """Mint a new access token and refresh token ``jti``, and answer with both."""
+def token_response(session: Session, now: int, in_cookie: bool) -> Response:
+    """Answer with a new access token and the session's current refresh token."""
     tokens = current_app.extensions["tokens"]
-    refresh_token = tokens.issue_refresh(sub, family, jti, expires_at, now)
-    body = {"accessToken": tokens.issue_access(sub, now), "tokenType": "Bearer"}
-    body["expiresIn"] = tokens.access_ttl
+    access_token, expires_in = tokens.issue_access(session, now)
+    refresh_token = tokens.issue_refresh(session)
+    body = {"accessToken": access_token, "tokenType": "Bearer", "expiresIn": expires_in}
     if not in_cookie:
         body["refreshToken"] = refresh_token
     response = jsonify(body)
-    response.headers["Cache-Control"] = "no-store"  # RFC 6749 §5.1: tokens are never cached
     if in_cookie:
-        csrf = tokens.csrf_token(family)
-        set_session_cookies(response, refresh_token, csrf, max_age=expires_at - now)
+        csrf = tokens.csrf_token(session.id)
+        set_session_cookies(response, refresh_token, csrf, max_age=session.expires_at - now)
     return response
 
 
-def set_session_cookies(
-    response: Response, refresh_token: str = "", csrf: str = "", max_age: int = 0
-) -> None:
-    """Set the refresh cookie and its CSRF companion; with no values, clear them."""
-    secure = current_app.config["APP_ENV"] == "production"
-    # OWASP Session Management Cheat Sheet: HttpOnly (no script reads it), SameSite=Strict (no
-    # other site's request carries it), Secure in production, and only the paths that use it.
-    for path in ("/token", "/logout"):
-        response.set_cookie(
-            REFRESH_COOKIE, refresh_token, max_age, path=path, secure=secure, httponly=True,
-            samesite="Strict",
-        )  # fmt: skip
-    # Readable by our page, which echoes it in the X-CSRF-Token header (double submit).
-    response.set_cookie(CSRF_COOKIE, csrf, max_age, path="/", secure=secure, samesite="Strict")
+def describe(session: Session, current_sid: str) -> dict[str, Any]:
+    """Return what GET /sessions shows of a session; times in RFC 3339 UTC."""
+    return {
+        "id": session.id,
+        "current": session.id == current_sid,
+        "createdAt": rfc3339(session.created_at),
+        "lastUsedAt": rfc3339(session.last_used_at),
+        "expiresAt": rfc3339(session.expires_at),
+        "idleExpiresAt": rfc3339(session.idle_expires_at) if session.idle_expires_at else None,
+        "userAgent": session.user_agent,
+        "ip": session.ip,
+    }
+
+
+def rfc3339(timestamp: int) -> str:
+    """Return a Unix time as RFC 3339 UTC, e.g. 2026-11-27T10:00:00Z."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def invalid_refresh_token(message: str) -> APIError:
@@ -467,25 +474,12 @@ def audit(event: str, **fields: str) -> None:
     AUDIT_LOG.info("%s", json.dumps(record | {"pid": os.getpid(), **fields}))
 
 
-def store_unavailable(error: redis.RedisError) -> Response:
-    """Fail closed: without the store's word no token is issued or accepted."""
-    current_app.logger.error("The store failed: %s", type(error).__name__)
-    message = "The session store is not answering. Try again in a few seconds."
-    # RFC 9110 §10.2.3: Retry-After tells a client when a 503 may be over.
-    return handle_http_error(APIError(503, "store_unavailable", message, {"Retry-After": "5"}))
+class QuietRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler, without its and Python's versions in the Server header."""
 
-
-def handle_http_error(error: HTTPException) -> Response:
-    """Answer every HTTP error, ours and Flask's, with one JSON shape."""
-    if error.response is not None:
-        return error.response  # already answered in our shape (login_throttled)
-    code = getattr(error, "error", None) or re.sub(r"\W+", "_", (error.name or "error").lower())
-    response = jsonify(error=code, message=error.description)
-    response.status_code = error.code or 500
-    for name, value in error.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    return response
+    def version_string(self) -> str:
+        # OWASP HTTP Headers Cheat Sheet: a version only helps an attacker pick an exploit.
+        return "jwt-refresh-service"
 
 
 def main() -> None:
@@ -494,7 +488,10 @@ def main() -> None:
         app = create_app()
     except ConfigError as error:
         sys.exit(f"error: {error.message}")
-    app.run(host=app.config["HOST"], port=app.config["PORT"], debug=False, threaded=True)
+    host, port = app.config["HOST"], app.config["PORT"]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    app.logger.info("Open http://%s:%d/ for the demo page.", shown, port)
+    app.run(host=host, port=port, debug=False, threaded=True, request_handler=QuietRequestHandler)
 
 
 if __name__ == "__main__":

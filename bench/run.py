@@ -1,19 +1,18 @@
-"""Benchmark the service with wrk, beside any peer with the same API, in one run.
+"""Benchmark the service with wrk, beside peers with the same API, in one run.
 
-    python bench/run.py                      # N = 0, 10k, 100k, 1M on the chosen server
+    python bench/run.py --peers              # N = 0, 10k, 100k, 1M; ours and every peer
     python bench/run.py --smoke              # one small N, a few seconds (CI)
+    python bench/run.py --peers --redis-url redis://127.0.0.1:6379/13   # and ours on Redis
     python bench/run.py --servers granian,gunicorn --sessions 0 --duration 10
-    python bench/run.py --anchors ../shared/anchors   # with the Express and F-J-E peers
-    python bench/run.py --peer-cmd "name=node server.js --port {port}"
-    python bench/run.py --peer name=http://127.0.0.1:3200
+    python bench/run.py --peer-cmd "name=node server.js"          # any peer, started here
+    python bench/run.py --peer name=http://127.0.0.1:3200          # any peer, running
 
-The server is pinned to core 0 and wrk to core 1. Each N starts a fresh server whose worker
-builds the app with create_app and fills its store (bench/app.py). Peers started with
---peer-cmd get PORT (and {port} in the command) and SEED_SESSIONS=N; peers given by --peer
-URL are measured as they are. --anchors DIR copies the project's peers (the Express original
-and the Flask-JWT-Extended app) to a temporary folder, installs them, and runs them as
---peer-cmd: the Express original as written, with key objects, and F-J-E under granian.
-Results go to bench/results/ as JSON, a Markdown table and a PNG plot.
+The server is pinned to core 0 and wrk to core 1. For each N, our server starts afresh and
+its worker builds the app with create_app and fills its store (bench/app.py). --peers adds
+the peers in bench/peers/ (see bench/README.md). A peer started here gets PORT (also {port}
+in its command), SEED_SESSIONS=N and the two secrets in its environment; one that fails to
+start is reported and skipped. A run writes its report to bench/results/runs/<time>/ after
+every row, or to bench/results/ itself with --update.
 """
 
 import argparse
@@ -21,7 +20,7 @@ import json
 import os
 import platform
 import secrets
-import shutil
+import shlex
 import socket
 import subprocess
 import sys
@@ -29,72 +28,85 @@ import tempfile
 import time
 import tracemalloc
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from auth import Users, new_id  # noqa: E402
-from store import MemoryStore, RedisStore  # noqa: E402
+from bench import report  # noqa: E402
 
+PEERS = BENCH / "peers"
+RESULTS = BENCH / "results"
+BIN = shlex.quote(str(Path(sys.executable).parent))  # granian and gunicorn, from this venv
+
+THREADS = 2  # granian's blocking threads, for ours and for the Python peers alike
 GRANIAN = (
-    "granian --interface wsgi --factory --workers 1 --blocking-threads {threads} "
-    "--host 127.0.0.1 --port {port} bench.app:create_bench_app"
+    BIN + "/granian --interface wsgi --factory --workers 1 --blocking-threads {threads} "
+    "--host 127.0.0.1 --port {{port}}"
 )
 SERVERS = {
-    "granian": GRANIAN.replace("{threads}", "2"),
-    "granian-1-thread": GRANIAN.replace("{threads}", "1"),
-    "gunicorn": "gunicorn --workers 1 --timeout 600 --bind 127.0.0.1:{port} "
+    "granian": GRANIAN.format(threads=THREADS) + " bench.app:create_bench_app",
+    "granian-1-thread": GRANIAN.format(threads=1) + " bench.app:create_bench_app",
+    "gunicorn": BIN + "/gunicorn --workers 1 --timeout 600 --bind 127.0.0.1:{port} "
     "bench.app:create_bench_app()",
-    "gunicorn-gthread": "gunicorn --workers 1 --threads 4 --worker-class gthread --timeout 600 "
-    "--bind 127.0.0.1:{port} bench.app:create_bench_app()",
+    "gunicorn-gthread": BIN + "/gunicorn --workers 1 --threads 4 --worker-class gthread "
+    "--timeout 600 --bind 127.0.0.1:{port} bench.app:create_bench_app()",
 }
 DEMO = {"email": "demo@example.com", "password": "demo-password"}
+# What goes wrong when a server does not start or answer, or the service's code does not
+# import; such a measurement is reported as skipped, and the run goes on.
+FAILURES = (RuntimeError, OSError, ValueError, KeyError, ImportError, subprocess.SubprocessError)
 
 
 def main() -> None:
     args = parse_args()
-    if args.anchors:
-        args.peer_cmd += anchor_peers(Path(args.anchors).resolve())
-    results = {"machine": machine(), "connections": args.connections, "runs": []}
-
-    def record(run: dict) -> None:
-        results["runs"].append(run)
-        print(
-            f"{run['name']}, {run['sessions']} sessions: /token {run['token']['rps']:.0f}"
-            f" req/s, /me {run['me']['rps']:.0f} req/s",
-            file=sys.stderr,
-            flush=True,
-        )
-
+    started = time.monotonic()
+    results = Results(args)
+    print(f"bench: writing to {results.folder}", file=sys.stderr)
+    peers = args.peer_cmd + (project_peers(results) if args.peers else [])
+    redis_url = usable_redis(args.redis_url, results)
+    ours = args.servers[0]
     for sessions in args.sessions:
         for server in args.servers:
-            record(measure_ours(server, sessions, args))
-        for name, command in args.peer_cmd:
-            record(measure_peer_cmd(name, command, sessions, args))
+            results.measure(our_name(server), partial(measure_ours, server, sessions, args))
+        if redis_url and sessions == min(args.sessions):
+            on_redis = partial(measure_ours_on_redis, redis_url, sessions, args)
+            results.measure(our_name(ours, on_redis=True), on_redis)
+        for name, command in peers:
+            results.measure(name, partial(measure_peer_cmd, name, command, sessions, args))
     for name, url in args.peer:
-        record(measure_peer(name, url, None, args))
-    results["login"] = measure_login(args) if not args.smoke else None
-    results["memory"] = measure_memory(args.sessions, args.redis_url)
-    write_results(results, args)
-    failed = [run["name"] for run in results["runs"] if errors(run)]
-    if args.smoke and failed:
-        sys.exit(f"bench smoke: requests failed on {', '.join(failed)}")
+        results.measure(name, partial(measure_peer, name, url, None, args))
+    if not args.smoke:
+        results.measure("POST /login", partial(measure_login, args), key="login")
+    memory = partial(measure_memory, args.sessions, redis_url)
+    results.measure("memory per session", memory, key="memory")
+    results.set("elapsed_s", round(time.monotonic() - started))
+    print(report.markdown(results.data))
+    print(f"bench: {results.folder}, {results.data['elapsed_s']} s in all", file=sys.stderr)
+    if args.smoke and results.failed():
+        sys.exit(f"bench smoke: failed: {', '.join(results.failed())}")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", default="0,10000,100000,1000000")
-    parser.add_argument("--servers", default="granian")
+    parser.add_argument("--servers", default="granian", help=", ".join(SERVERS))
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--peers", action="store_true", help="also run bench/peers/")
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL, running")
     parser.add_argument("--peer-cmd", action="append", default=[], help="NAME=COMMAND")
-    parser.add_argument("--anchors", help="the folder of the Express and F-J-E peers")
-    parser.add_argument("--redis-url", help="also measure the Redis store's memory here")
+    parser.add_argument(
+        "--redis-url", help="an empty Redis database of the benchmark's own, e.g. .../13"
+    )
     parser.add_argument("--smoke", action="store_true", help="N=1000, 2 s: that it runs")
-    parser.add_argument("--out", default=str(BENCH / "results"))
+    parser.add_argument("--update", action="store_true", help="write to bench/results/")
     args = parser.parse_args()
     if args.smoke:
         args.sessions, args.duration = "1000", 2
@@ -105,75 +117,230 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+class Results:
+    """The run's measurements, written out in full after each one, so none is lost."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.update:
+            self.folder = RESULTS
+        else:  # a folder of the run's own; bench/.gitignore keeps them out of git
+            self.folder = RESULTS / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.stem = "smoke" if args.smoke else "results"
+        self.data = {
+            "machine": machine(),
+            "connections": args.connections,
+            "duration": args.duration,
+            "ours": our_name(args.servers[0]),
+            "ours_redis": our_name(args.servers[0], on_redis=True),
+            "runs": [],
+            "skipped": [],
+            "notes": [],
+        }
+        self.plot = not args.smoke and find_spec("matplotlib") is not None
+        if not args.smoke and not self.plot:
+            self.note("No plot: matplotlib is missing (pip install -r bench/requirements.txt).")
+
+    def measure(self, name: str, measure: Callable[[], object], key: str = "") -> None:
+        """Keep what ``measure`` returns (a row, or ``key``'s value), or report why not."""
+        try:
+            value = measure()
+        except FAILURES as error:
+            self.skip(f"{name}: {error}")
+            return
+        if key:
+            self.set(key, value)
+            return
+        self.data["runs"].append(value)
+        print(
+            f"{value['name']}, {value['sessions']} sessions: /token {value['token']['rps']:.0f}"
+            f" req/s, /me {value['me']['rps']:.0f} req/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.save()
+
+    def skip(self, reason: str) -> None:
+        """Record a measurement that could not be made, with the first line of why."""
+        print(f"bench: skipped {reason}", file=sys.stderr, flush=True)
+        self.data["skipped"].append(reason.strip().splitlines()[0][:300])
+        self.save()
+
+    def note(self, text: str) -> None:
+        """Record something the reader of the report should know, such as Redis left out."""
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+        self.data["notes"].append(text)
+        self.save()
+
+    def set(self, key: str, value: object) -> None:
+        self.data[key] = value
+        self.save()
+
+    def save(self) -> None:
+        report.write(self.data, self.folder, self.stem, self.plot)
+
+    def failed(self) -> list[str]:
+        """What failed: rows with failed requests, and measurements skipped."""
+        names = [run["name"] for run in self.data["runs"] if report.errors(run)]
+        return names + [reason.split(":")[0] for reason in self.data["skipped"]]
+
+
 def machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor(),
-    )
+    with open("/proc/cpuinfo") as cpuinfo:
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
+    cpu = models[0] if models else platform.processor()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def our_server(server: str, sessions: int, tokens_file: Path) -> tuple[list, dict, int]:
-    """The command, environment and port that serve bench/app.py on core 0."""
+@dataclass
+class Launch:
+    """How to start one server and how to tell it is ready."""
+
+    command: list[str]
+    port: int
+    env: dict = field(default_factory=dict)  # added to this process's environment
+    ready: Path | None = None  # a file the server writes once its store is filled
+    timeout: float = 60
+
+
+@contextmanager
+def serving(launch: Launch) -> Iterator[str]:
+    """Start the server on core 0, yield its URL once it is ready, stop it afterwards."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            ["taskset", "-c", "0", *launch.command],
+            env=os.environ | launch.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + launch.timeout
+            while not ((launch.ready is None or launch.ready.exists()) and listening(launch.port)):
+                if process.poll() is not None:
+                    log.seek(0)
+                    lines = log.read().decode(errors="replace").splitlines()
+                    said = [line for line in lines if line.strip() and "[INFO]" not in line]
+                    raise RuntimeError(f"exited with {process.returncode}: {' / '.join(said[-2:])}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"did not start in {launch.timeout:.0f} s")
+                time.sleep(0.1)
+            yield f"http://127.0.0.1:{launch.port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def our_name(server: str, on_redis: bool = False) -> str:
+    return f"this service ({server}{', Redis' if on_redis else ''})"
+
+
+def our_launch(server: str, sessions: int, tokens_file: Path, redis_url: str = "") -> Launch:
+    """Our server: bench/app.py, filled with ``sessions``, on the memory store or Redis."""
     port = free_port()
-    env = os.environ | {
+    env = {
         "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
         "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
         "ACCESS_TOKEN_TTL": "86400",  # the /me token must outlive the run
         "BENCH_SESSIONS": str(sessions),
         "BENCH_TOKENS": str(tokens_file),
         "PYTHONPATH": str(ROOT),
+        "REDIS_URL": redis_url,  # set even when empty, so a .env cannot set it
     }
-    env.pop("REDIS_URL", None)
-    executable, *arguments = SERVERS[server].format(port=port).split()
-    command = ["taskset", "-c", "0", str(Path(sys.executable).parent / executable), *arguments]
-    return command, env, port
+    command = shlex.split(SERVERS[server].format(port=port))
+    return Launch(command, port, env, ready=tokens_file, timeout=60 + sessions / 10_000)
 
 
-def measure_ours(server: str, sessions: int, args: argparse.Namespace) -> dict:
+def measure_ours(
+    server: str, sessions: int, args: argparse.Namespace, *, redis_url: str = ""
+) -> dict:
+    """Start our server filled with ``sessions``, and drive /token and /me."""
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file = Path(tmp) / "tokens.json"
-        command, env, port = our_server(server, sessions, tokens_file)
-        with running(command, env, port, ready=tokens_file, timeout=60 + sessions / 10_000):
+        with serving(our_launch(server, sessions, tokens_file, redis_url)) as url:
             tokens = json.loads(tokens_file.read_text())
-            run = drive(f"this service ({server})", f"http://127.0.0.1:{port}", tokens, args)
+            run = drive(our_name(server, on_redis=bool(redis_url)), url, tokens, args)
     run |= {"sessions": sessions, "server": server}
     if sessions:
         run["rss_per_session"] = (tokens["rss_after"] - tokens["rss_before"]) / sessions
     return run
 
 
-def anchor_peers(anchors: Path) -> list[tuple[str, str]]:
-    """Install the peers in a temporary copy (shared/ is read-only); return their commands."""
-    copy = Path(tempfile.mkdtemp(prefix="bench-peers-"))
-    shutil.copytree(anchors, copy, dirs_exist_ok=True)
-    express = copy / "express-original"
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=express, check=True)
-    granian = Path(sys.executable).parent / "granian"
-    return [
-        ("Express original", f"node {express / 'server.js'}"),
-        ("Express, key objects", f"env JWT_KEYOBJECT=1 node {express / 'server.js'}"),
-        (
-            "Flask-JWT-Extended (granian)",
-            f"{granian} --interface wsgi --workers 1 --blocking-threads 2 --host 127.0.0.1 "
-            f"--port {{port}} --working-dir {copy} flask_jwt_extended_app:app",
-        ),
+def usable_redis(url: str | None, results: Results) -> str | None:
+    """The Redis URL if it answers; else None, and the report says the Redis rows are left out."""
+    if not url:
+        results.note("No Redis rows: give --redis-url to measure the Redis store.")
+        return None
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except (redis.RedisError, ValueError) as error:
+        results.note(f"No Redis rows: {url} does not answer ({error}).")
+        return None
+    return url
+
+
+def measure_ours_on_redis(url: str, sessions: int, args: argparse.Namespace) -> dict:
+    """Our first server on Redis, in an empty database: every key in it is then the run's."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    if held := client.dbsize():
+        # The service cannot be given a key prefix from its environment, so only an empty
+        # database tells its keys from the user's; the run touches nothing else.
+        raise RuntimeError(f"{url} holds {held} keys; give an empty database of its own")
+    try:
+        return measure_ours(args.servers[0], sessions, args, redis_url=url)
+    finally:
+        deleted = delete_keys(client, "*")
+        print(f"bench: deleted the {deleted} keys the run made in {url}", file=sys.stderr)
+
+
+def project_peers(results: Results) -> list[tuple[str, str]]:
+    """The peers in bench/peers/, as (name, command); npm installs Express's if need be."""
+    granian = GRANIAN.format(threads=THREADS) + f" --working-dir {shlex.quote(str(PEERS))}"
+    peers = [
+        (report.FLOOR, f"{granian} floor:create_app"),
+        (report.FLASK_JWT_EXTENDED, f"{granian} flask_jwt_extended_app:create_app"),
+    ]
+    express = PEERS / "express"
+    if not (express / "node_modules").exists():
+        try:
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=express, check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            results.skip(f"{report.EXPRESS} and {report.EXPRESS_KEY_OBJECTS}: npm ci: {error}")
+            return peers
+    server_js = shlex.quote(str(express / "server.js"))
+    return peers + [
+        (report.EXPRESS, f"node {server_js}"),
+        (report.EXPRESS_KEY_OBJECTS, f"env JWT_KEYOBJECT=1 node {server_js}"),
     ]
 
 
 def measure_peer_cmd(name: str, command: str, sessions: int, args: argparse.Namespace) -> dict:
+    """Start a peer with PORT and SEED_SESSIONS, log in through its API, and drive it."""
     port = free_port()
-    env = os.environ | {"PORT": str(port), "SEED_SESSIONS": str(sessions)}
-    env |= {  # keys of 32 bytes or more, as ours, so PyJWT does not spend time warning
+    env = {
+        "PORT": str(port),
+        "SEED_SESSIONS": str(sessions),
+        # Keys of 32 bytes or more, as ours, so PyJWT does not spend time warning.
         "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
         "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
     }
-    cwd_command = ["taskset", "-c", "0", *command.format(port=port).split()]
-    with running(cwd_command, env, port, timeout=120 + sessions / 5_000):
-        return measure_peer(name, f"http://127.0.0.1:{port}", sessions, args)
+    launch = Launch(
+        shlex.split(command.format(port=port)), port, env, timeout=120 + sessions / 5000
+    )
+    with serving(launch) as url:
+        return measure_peer(name, url, sessions, args)
 
 
 def measure_peer(name: str, url: str, sessions: int | None, args: argparse.Namespace) -> dict:
+    """Log in 64 times for refresh tokens to rotate through, then drive /token and /me."""
     logins = [post_json(url + "/login", DEMO) for _ in range(64)]
     tokens = {"refresh": [t["refreshToken"] for t in logins], "access": logins[0]["accessToken"]}
     return drive(name, url, tokens, args) | {"sessions": sessions, "server": "peer"}
@@ -181,119 +348,92 @@ def measure_peer(name: str, url: str, sessions: int | None, args: argparse.Names
 
 def drive(name: str, url: str, tokens: dict, args: argparse.Namespace) -> dict:
     """Run wrk against /token and /me; return req/s and latency for each."""
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
         listing.write("\n".join(tokens["refresh"]) + "\n")
-    env = os.environ | {
-        "BENCH_DIR": str(BENCH),
-        "BENCH_TOKENS_LIST": listing.name,
-        "BENCH_ACCESS": tokens["access"],
-    }
-    try:
-        result = {"name": name}
-        for route, script in (("token", "token.lua"), ("me", "me.lua")):
-            result[route] = wrk(url, script, env, args)
-        return result
-    finally:
-        os.unlink(listing.name)
+        listing.flush()
+        env = {"BENCH_TOKENS_LIST": listing.name, "BENCH_ACCESS": tokens["access"]}
+        load = {"connections": args.connections, "duration": args.duration}
+        return {
+            "name": name,
+            "token": wrk(url, "token.lua", env, **load),
+            "me": wrk(url, "me.lua", env, **load),
+        }
 
 
-def wrk(url: str, script: str, env: dict, args: argparse.Namespace) -> dict:
-    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}"]
-    command += [f"-d{args.duration}s", "-s", str(BENCH / script), url]
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+def wrk(url: str, script: str, env: dict, *, connections: int, duration: int) -> dict:
+    """Run one wrk on core 1; return its JSON line (bench/report.lua) with req/s added."""
+    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+    command += ["-s", str(BENCH / script), url]
+    output = subprocess.run(
+        command,
+        env=os.environ | env | {"BENCH_DIR": str(BENCH)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
     stats = json.loads(output.strip().splitlines()[-1])
     stats["rps"] = stats["requests"] / stats["seconds"]
     return stats
 
 
 def measure_login(args: argparse.Namespace) -> dict:
-    """POST /login under load, and the password hash alone, which dominates it."""
-    users = Users()
-    users.add(DEMO["email"], DEMO["password"])
-    started = time.perf_counter()
-    for _ in range(5):
-        users.authenticate(DEMO["email"], DEMO["password"])
-    hash_ms = (time.perf_counter() - started) / 5 * 1000
-    command, env, port = our_server(args.servers[0], 0, Path(os.devnull))
-    with running(command, env, port):
-        login = wrk(f"http://127.0.0.1:{port}", "login.lua", env | {"BENCH_DIR": str(BENCH)}, args)
-    return {"login": login, "hash_check_ms": hash_ms}
+    """POST /login on an idle server (one connection), then under the run's load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        launch = our_launch(args.servers[0], 0, Path(tmp) / "tokens.json")
+        with serving(launch) as url:
+            idle = wrk(url, "login.lua", {}, connections=1, duration=args.duration)
+            loaded = wrk(url, "login.lua", {}, connections=args.connections, duration=args.duration)
+    return {"idle": idle, "loaded": loaded}
 
 
 def measure_memory(sizes: list[int], redis_url: str | None) -> list[dict]:
     """Bytes per live session in the memory store (tracemalloc), and in Redis (INFO memory)."""
+    from bench.app import fill
+    from store import MemoryStore
+
     rows = []
-    now = int(time.time())
+    expires_at = int(time.time()) + 86_400
     for n in [size for size in sizes if size]:
         tracemalloc.start()
         baseline = tracemalloc.get_traced_memory()[0]
-        store, families, jtis = MemoryStore(), [], []
-        for _ in range(n):  # ids made here, as each login makes its own
-            family, jti = new_id(), new_id()
-            store.start(family, jti, now + 86_400)
-            families.append(family)
-            jtis.append(jti)
-        lists = sys.getsizeof(families) + sys.getsizeof(jtis)  # the bench's, not the store's
-        per_session = (tracemalloc.get_traced_memory()[0] - baseline - lists) / n
-        for _ in range(3):  # three rotations of every session: memory must not grow
-            for index, family in enumerate(families):
-                store.rotate(family, jtis[index], new_jti := new_id())
-                jtis[index] = new_jti
-        after_rotations = (tracemalloc.get_traced_memory()[0] - baseline - lists) / n
+        store = MemoryStore()
+        fill(store, n, expires_at)
+        row = {"sessions": n, "memory_store": (tracemalloc.get_traced_memory()[0] - baseline) / n}
         tracemalloc.stop()
-        row = {"sessions": n, "memory_store": per_session, "after_3_rotations": after_rotations}
+        del store
         if redis_url:
-            row["redis_store"] = redis_bytes_per_session(redis_url, n, now + 86_400)
+            row["redis_store"] = redis_bytes_per_session(redis_url, n, expires_at)
         rows.append(row)
     return rows
 
 
 def redis_bytes_per_session(url: str, n: int, expires_at: int) -> float:
+    """Fill a RedisStore under a prefix of this run's own, measure, delete exactly its keys."""
     import redis
 
+    from bench.app import fill
+    from store import RedisStore
+
     client = redis.Redis.from_url(url)
-    client.flushdb()
+    prefix = f"bench-{secrets.token_hex(4)}:"
     before = client.info("memory")["used_memory"]
-    store = RedisStore(client)
-    for _ in range(n):
-        store.start(new_id(), new_id(), expires_at)
-    used = client.info("memory")["used_memory"] - before
-    client.flushdb()
-    return used / n
+    try:
+        fill(RedisStore(client, prefix=prefix), n, expires_at)
+        return (client.info("memory")["used_memory"] - before) / n
+    finally:
+        delete_keys(client, f"{prefix}*")
 
 
-class running:
-    """Start a server process, wait until it listens (and wrote `ready`), stop it after."""
-
-    def __init__(self, command, env, port, ready=None, timeout=60):
-        self.command, self.env, self.port, self.ready, self.timeout = (
-            command,
-            env,
-            port,
-            ready,
-            timeout,
-        )
-
-    def __enter__(self):
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            self.command, env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                tail = self.log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.command} exited with {self.process.returncode}:\n{tail}")
-            if (self.ready is None or self.ready.exists()) and listening(self.port):
-                return self
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.command} did not start in {self.timeout} s")
-
-    def __exit__(self, *exc):
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
+def delete_keys(client, pattern: str) -> int:
+    """Delete the keys matching ``pattern``, a thousand at a time; never FLUSHDB."""
+    deleted, batch = 0, []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) == 1000:
+            deleted += client.delete(*batch)
+            batch = []
+    return deleted + (client.delete(*batch) if batch else 0)
 
 
 def listening(port: int) -> bool:
@@ -316,95 +456,6 @@ def post_json(url: str, body: dict) -> dict:
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-def write_results(results: dict, args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "smoke" if args.smoke else "results"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
-    if len(args.sessions) > 1:
-        plot(results, out / "token_rps.png")
-
-
-def errors(run: dict) -> int:
-    return sum(
-        run[route][kind] for route in ("token", "me") for kind in ("non_2xx", "socket_errors")
-    )
-
-
-def markdown(results: dict) -> str:
-    machine = results["machine"]
-    lines = [
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
-        f"server on core 0, wrk on core 1, {results['connections']} connections.",
-        "",
-        "| server | live sessions | POST /token req/s | p50 ms | p99 ms | GET /me req/s "
-        "| p50 ms | p99 ms | /token vs first row | RSS per session |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    runs = results["runs"]
-    baseline = runs[0]["token"]["rps"] if runs else 1
-    for run in runs:
-        token, me = run["token"], run["me"]
-        rss = f"{run['rss_per_session']:.0f} B" if run.get("rss_per_session") else ""
-        sessions = "as running" if run["sessions"] is None else f"{run['sessions']:,}"
-        lines.append(
-            f"| {run['name']} | {sessions} | {token['rps']:.0f} | {token['p50_ms']:.2f} "
-            f"| {token['p99_ms']:.2f} | {me['rps']:.0f} | {me['p50_ms']:.2f} "
-            f"| {me['p99_ms']:.2f} | {token['rps'] / baseline:.2f}x | {rss} |"
-            + (f" **{errors(run)} errors**" if errors(run) else "")
-        )
-    if results.get("login"):
-        login, run = results["login"], results["login"]["login"]
-        lines += [
-            "",
-            f"POST /login: {run['rps']:.1f} req/s, p50 {run['p50_ms']:.0f} ms,"
-            f" p99 {run['p99_ms']:.0f} ms; one password check (scrypt N=2^15, r=8,"
-            f" p=3) costs {login['hash_check_ms']:.0f} ms, which bounds it.",
-        ]
-    if results["memory"]:
-        lines += [
-            "",
-            "| live sessions | memory store, B/session (tracemalloc) "
-            "| after 3 rotations each | Redis store, B/session (INFO memory) |",
-            "|---|---|---|---|",
-        ]
-        for row in results["memory"]:
-            redis_cell = f"{row['redis_store']:.0f}" if "redis_store" in row else "not measured"
-            lines.append(
-                f"| {row['sessions']:,} | {row['memory_store']:.0f} "
-                f"| {row['after_3_rotations']:.0f} | {redis_cell} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    by_name: dict[str, list[tuple[int, float]]] = {}
-    for run in results["runs"]:
-        if run["sessions"] is not None:
-            by_name.setdefault(run["name"], []).append((run["sessions"], run["token"]["rps"]))
-    for name, points in by_name.items():
-        points.sort()
-        axes.plot([max(n, 1) for n, _ in points], [rps for _, rps in points], "o-", label=name)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("live sessions (0 drawn at 1)")
-    axes.set_ylabel("POST /token req/s, one core")
-    axes.set_title("Refresh throughput against live sessions")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

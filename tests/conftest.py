@@ -1,4 +1,5 @@
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import redis
 
-import auth
 from server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,12 +18,17 @@ ACCESS_SECRET = "test-access-secret-0123456789abcdef"
 REFRESH_SECRET = "test-refresh-secret-0123456789abcdef"
 TEST_CONFIG = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
 DEMO = {"email": "demo@example.com", "password": "demo-password"}
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+DEMO_ID = "dGIQiYT2Kdss7Rrr"  # derived from the email, the same in every process
 
 
 @pytest.fixture(autouse=True)
 def fast_password_hashing(monkeypatch):
-    """Hash cheaply in tests; test_auth checks the real parameters once."""
-    monkeypatch.setattr(auth, "PASSWORD_HASH_METHOD", "scrypt:1024:8:1")
+    """Hash cheaply in tests; test_users checks the real parameters once."""
+    from argon2 import PasswordHasher
+
+    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    monkeypatch.setattr("users.PASSWORD_HASHER", cheap)
 
 
 @pytest.fixture
@@ -114,15 +119,36 @@ def serve(command, env, cwd, port, log_dir):
     """Run a server process until the block ends; yield its URL and its log file's path."""
     log_path = Path(log_dir) / f"server-{port}.log"
     with open(log_path, "w") as log:
-        # A session of its own, so that stopping it stops its worker processes too.
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = start(command, env, cwd, log)
         try:
             wait_for_port(port, process)
             yield f"http://127.0.0.1:{port}", log_path
         finally:
             stop_group(process)
+
+
+def start(command, env, cwd, out=subprocess.DEVNULL):
+    """Start a process in a session of its own, which dies if this test process dies."""
+    # A session of its own, so that stopping it stops its worker processes too; and
+    # PR_SET_PDEATHSIG, so that even a test killed on a timeout leaves no server behind.
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=die_with_parent,
+    )  # fmt: skip
+
+
+def die_with_parent():
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_to_end(command, env, cwd, timeout=30):
+    """Run a command that should exit by itself; stop its whole group if it does not."""
+    process = start(command, env, cwd, subprocess.PIPE)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        stop_group(process)
+    return process.returncode, output.decode(errors="replace")
 
 
 def stop_group(process):
@@ -139,11 +165,15 @@ def stop_group(process):
             continue
 
 
+# The only variables a server started by a test inherits: nothing of the developer's
+# settings (or .env, since servers run in a temporary folder) can change what it does.
+INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+
+
 def user_env(**settings):
-    """The environment a user's shell would give, without this suite's own settings."""
-    env = {key: value for key, value in os.environ.items() if key not in TEST_CONFIG}
-    env.pop("REDIS_URL", None)
-    return env | settings
+    """The environment of a fresh shell, with only the given settings and the code on the path."""
+    env = {key: os.environ[key] for key in INHERITED if key in os.environ}
+    return env | {"PYTHONPATH": str(ROOT)} | settings
 
 
 @pytest.fixture

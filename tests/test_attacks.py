@@ -14,6 +14,7 @@ import jwt
 import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 
+from keys import hmac_kid
 from server import create_app
 
 from .conftest import ACCESS_SECRET, DEMO, REFRESH_SECRET, TEST_CONFIG
@@ -31,16 +32,14 @@ def claims(kind, **changes):
     """Valid claims for a token of this kind, with some changed (None removes a claim)."""
     now = int(time.time())
     payload = {"iss": "jwt-refresh-service", "aud": "jwt-refresh-service", "sub": "1"}
-    payload |= {"iat": now, "exp": now + 900, "jti": "attack-jti"}
-    if kind == "refresh":
-        payload["fam"] = "attack-family"
+    payload |= {"iat": now, "exp": now + 900, "jti": "attack-jti", "sid": "attack-session"}
     payload |= changes
     return {key: value for key, value in payload.items() if value is not None}
 
 
 def sign(kind, payload=None, key=None, algorithm="HS256", **headers):
     """A token signed like ours unless told otherwise."""
-    headers = {"typ": TYP[kind]} | headers
+    headers = {"typ": TYP[kind], "kid": hmac_kid(SECRETS[kind])} | headers
     headers = {key: value for key, value in headers.items() if value is not None}
     payload = claims(kind) if payload is None else payload
     with warnings.catch_warnings():  # an attacker does not mind a short key for HS384/HS512
@@ -50,7 +49,8 @@ def sign(kind, payload=None, key=None, algorithm="HS256", **headers):
 
 def unsigned(kind, alg):
     """An `alg: none` token: header and payload, empty signature (RFC 8725 §2.1)."""
-    return f"{b64({'alg': alg, 'typ': TYP[kind]})}.{b64(claims(kind))}."
+    header = {"alg": alg, "typ": TYP[kind], "kid": hmac_kid(SECRETS[kind])}
+    return f"{b64(header)}.{b64(claims(kind))}."
 
 
 def tampered(kind):
@@ -63,15 +63,20 @@ def now():
     return int(time.time())
 
 
-NOT_ALLOWED = "The specified alg value is not allowed."
-BAD_SIGNATURE = "Signature verification failed."
+# Our own words for each refusal: none of them repeats what the attacker put in the token.
+NOT_ALLOWED = "The token is signed with an algorithm this service refuses."
+BAD_SIGNATURE = "The token's signature does not match."
+MALFORMED = "The token is malformed."
+NOT_VALID = "The token is not valid."
+UNKNOWN_KEY = "The token is signed with a key this service does not hold."
 KEY_POINTER = "The token's header points at a key; this service never uses one."
 WRONG_KIND = "This is not {kind} token."
+OTHER_KIND = "This is {other} token; send {kind} token."
 ATTACKER_KEY = "an-attacker-guessed-this-secret-000"
 
 
 def missing(claim):
-    return f'Token is missing the "{claim}" claim.'
+    return f"The token lacks the '{claim}' claim."
 
 
 def other_key(kind):
@@ -93,47 +98,58 @@ ATTACKS = [
     ("tampered payload", tampered, BAD_SIGNATURE),
     ("wrong key", lambda k: sign(k, key=ATTACKER_KEY), BAD_SIGNATURE),
     ("other kind's key", lambda k: sign(k, key=other_key(k)), BAD_SIGNATURE),
+    # RFC 7515 §4.1.4: the kid names one of our keys, or the token is refused.
+    ("missing kid", lambda k: sign(k, kid=None), UNKNOWN_KEY),
+    ("unknown kid", lambda k: sign(k, kid="not-one-of-ours"), UNKNOWN_KEY),
+    ("kid not a string", lambda k: f"{b64({'alg': 'HS256', 'typ': TYP[k], 'kid': ['a']})}."
+     + sign(k).split(".", 1)[1], MALFORMED),
+    ("other kind's kid", lambda k: sign(k, kid=hmac_kid(other_key(k))), UNKNOWN_KEY),
+    ("attacker's key, named by its own kid",
+     lambda k: sign(k, key=ATTACKER_KEY, kid=hmac_kid(ATTACKER_KEY)), UNKNOWN_KEY),
     # RFC 7519 §4.1: the claims we rely on are present and well typed.
     ("expired", lambda k: sign(k, claims(k, iat=now() - 999, exp=now() - 99)),
-     "Signature has expired."),
-    ("exp not a number", lambda k: sign(k, claims(k, exp="never")),
-     "Expiration Time claim (exp) must be an integer."),
+     "The token has expired."),
+    ("exp not a number", lambda k: sign(k, claims(k, exp="never")), MALFORMED),
     ("missing exp", lambda k: sign(k, claims(k, exp=None)), missing("exp")),
     ("missing iat", lambda k: sign(k, claims(k, iat=None)), missing("iat")),
     ("missing sub", lambda k: sign(k, claims(k, sub=None)), missing("sub")),
+    ("missing sid", lambda k: sign(k, claims(k, sid=None)), missing("sid")),
     ("missing jti", lambda k: sign(k, claims(k, jti=None)), missing("jti")),
-    ("sub not a string", lambda k: sign(k, claims(k, sub=1)), "Subject must be a string."),
+    ("sub not a string", lambda k: sign(k, claims(k, sub=1)), NOT_VALID),
     # RFC 7515 §7.1: a compact JWS is exactly three base64url parts.
-    ("two parts", lambda k: sign(k).rsplit(".", 1)[0], "Not enough segments."),
-    ("four parts", lambda k: sign(k) + ".extra", "Invalid payload padding."),
-    ("not base64url", lambda k: "!!!." + sign(k).split(".", 1)[1], "Invalid header padding."),
-    ("header not an object", lambda k: b64(b"[1]") + "." + sign(k).split(".", 1)[1],
-     "Invalid header string: must be a json object."),
+    ("two parts", lambda k: sign(k).rsplit(".", 1)[0], MALFORMED),
+    ("four parts", lambda k: sign(k) + ".extra", MALFORMED),
+    ("not base64url", lambda k: "!!!." + sign(k).split(".", 1)[1], MALFORMED),
+    ("header not an object", lambda k: b64(b"[1]") + "." + sign(k).split(".", 1)[1], MALFORMED),
+    ("non-ASCII in the token", lambda k: sign(k)[:-4] + "\u00e9\u00e9\u00e9\u00e9", MALFORMED),
     # RFC 8725 §3.1: bound the input before any work is done on it.
     ("over 8 KiB", lambda k: sign(k, claims(k, pad="x" * 9000)),
      "The token is longer than any token this service issues."),
     # RFC 7519 §4.1.5-4.1.6: not valid yet, beyond the leeway.
     ("nbf in the future", lambda k: sign(k, claims(k, nbf=now() + 60)),
-     "The token is not yet valid (nbf)."),
+     "The token is not valid yet."),
     ("iat in the future", lambda k: sign(k, claims(k, iat=now() + 60)),
-     "The token is not yet valid (iat)."),
+     "The token is not valid yet."),
     # RFC 8725 §3.8-3.9: issued by us, for us.
-    ("wrong iss", lambda k: sign(k, claims(k, iss="https://evil.example")), "Invalid issuer."),
+    ("wrong iss", lambda k: sign(k, claims(k, iss="https://evil.example")),
+     "The token was not issued by this service."),
     ("missing iss", lambda k: sign(k, claims(k, iss=None)), missing("iss")),
-    ("wrong aud", lambda k: sign(k, claims(k, aud="another-service")), "Audience doesn't match."),
+    ("wrong aud", lambda k: sign(k, claims(k, aud="another-service")),
+     "The token is not meant for this service."),
     ("missing aud", lambda k: sign(k, claims(k, aud=None)), missing("aud")),
     # RFC 8725 §3.10: keys are never taken from, or fetched for, a header.
     ("jwk header", lambda k: sign(k, jwk={"kty": "oct", "k": b64(b"k" * 32)}), KEY_POINTER),
     ("jku header", lambda k: sign(k, jku="https://evil.example/keys"), KEY_POINTER),
     ("x5u header", lambda k: sign(k, x5u="https://evil.example/cert.pem"), KEY_POINTER),
-    # RFC 7515 §4.1.11: an extension we do not understand must not be ignored.
-    ("unknown crit", lambda k: sign(k, crit=["exp-policy"], **{"exp-policy": 1}),
-     "Unsupported critical extension: exp-policy."),
+    ("x5c header", lambda k: sign(k, x5c=["MIIB"]), KEY_POINTER),
+    # RFC 7515 §4.1.11: an extension we do not understand must not be ignored; its name is
+    # the attacker's, so the answer does not repeat it.
+    ("unknown crit", lambda k: sign(k, crit=["<script>"], **{"<script>": 1}), MALFORMED),
     # RFC 8725 §3.11: explicit typing, so one kind never passes for another.
     ("missing typ", lambda k: sign(k, typ=None), WRONG_KIND),
     ("plain JWT typ", lambda k: sign(k, typ="JWT"), WRONG_KIND),
     ("the other kind's typ", lambda k: sign(k, typ=TYP["refresh" if k == "access" else "access"]),
-     WRONG_KIND),
+     OTHER_KIND),
 ]
 # fmt: on
 
@@ -144,7 +160,9 @@ ATTACKS = [
 )
 def test_attack_is_refused(client, kind, make_token, reason):
     token = make_token(kind)
-    reason = reason.format(kind="an access" if kind == "access" else "a refresh")
+    names = {"access": "an access", "refresh": "a refresh"}
+    other = names["refresh" if kind == "access" else "access"]
+    reason = reason.format(kind=names[kind], other=other)
     if kind == "access":
         response = client.get("/me", headers={"Authorization": f"Bearer {token}"})
         expected = {
@@ -165,9 +183,31 @@ def test_attack_is_refused(client, kind, make_token, reason):
 
 def test_a_well_formed_token_is_accepted(client):
     """The control row: the same builders, unmodified, make a token /me accepts."""
-    assert (
-        client.get("/me", headers={"Authorization": f"Bearer {sign('access')}"}).status_code == 200
+    issued = jwt.decode(
+        client.post("/login", json=DEMO).json["accessToken"], options={"verify_signature": False}
     )
+    token = sign("access", claims("access", sub=issued["sub"], sid=issued["sid"]))
+    assert client.get("/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_no_refusal_repeats_what_the_attacker_wrote(client):
+    """RFC 8725 §3.10 spirit: a message never echoes an unverified value from a header."""
+    marker = "ATTACKER-MARKER"
+    for headers in (
+        {"kid": marker},
+        {"typ": marker},
+        {"alg": marker},
+        {"crit": [marker], marker: 1},
+    ):
+        token = sign("access", **{k: v for k, v in headers.items() if k != "alg"})
+        if "alg" in headers:
+            token = f"{b64({'alg': marker, 'typ': TYP['access']})}.{b64(claims('access'))}.x"
+        for response in (
+            client.get("/me", headers={"Authorization": f"Bearer {token}"}),
+            client.post("/token", json={"refreshToken": token}),
+        ):
+            assert response.status_code in (401, 403)
+            assert marker not in response.get_data(as_text=True)
 
 
 @pytest.fixture
@@ -183,7 +223,8 @@ def test_access_token_is_refused_at_token_even_with_equal_secrets(equal_secrets_
         403,
         {
             "error": "invalid_refresh_token",
-            "message": "The refresh token is not valid: This is not a refresh token. Log in again.",
+            "message": "The refresh token is not valid: This is an access token; "
+            "send a refresh token. Log in again.",
         },
     )
 
@@ -196,6 +237,6 @@ def test_refresh_token_is_refused_at_me_even_with_equal_secrets(equal_secrets_cl
     assert response.status_code == 401
     assert response.json == {
         "error": "invalid_token",
-        "message": "The access token is not valid: This is not an access token. "
-        "Log in or refresh to get a new one.",
+        "message": "The access token is not valid: This is a refresh token; "
+        "send an access token. Log in or refresh to get a new one.",
     }

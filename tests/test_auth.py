@@ -2,97 +2,138 @@ import time
 
 import jwt
 import pytest
-from werkzeug.security import check_password_hash
 
-import auth
-from auth import ACCESS, REFRESH, InvalidToken, Tokens, Users
+from auth import ACCESS, REFRESH, InvalidToken, Tokens
+from keys import hmac_kid, hmac_ring
+from store import Policy
 
 from .conftest import ACCESS_SECRET, REFRESH_SECRET
 
 NOW = 1_800_000_000
+OLD_ACCESS = "an-old-access-secret-0123456789abcdef"
+
+
+def make_tokens(access=ACCESS_SECRET, refresh=REFRESH_SECRET, previous=()):
+    return Tokens(
+        hmac_ring(access, list(previous)), hmac_ring(refresh, []), 900, "issuer", "audience", 5
+    )
 
 
 @pytest.fixture
 def tokens():
-    return Tokens(ACCESS_SECRET, REFRESH_SECRET, 900, "issuer", "audience", 5)
+    return make_tokens()
+
+
+def session(now=NOW, lifetime=86_400):
+    return Policy(lifetime=lifetime).new_session("7", now, "curl/8", "127.0.0.1")
+
+
+def unverified(token):
+    return jwt.get_unverified_header(token), jwt.decode(token, options={"verify_signature": False})
 
 
 def test_access_token_claims(tokens):
-    token = tokens.issue_access("7", NOW)
-    header = jwt.get_unverified_header(token)
-    claims = jwt.decode(token, options={"verify_signature": False})
-    assert header == {"alg": "HS256", "typ": "at+jwt"}
-    assert claims.keys() == {"iss", "aud", "sub", "iat", "exp", "jti"}
-    assert (claims["sub"], claims["iat"], claims["exp"]) == ("7", NOW, NOW + 900)
+    s = session()
+    token, expires_in = tokens.issue_access(s, NOW)
+    header, claims = unverified(token)
+    assert header == {"alg": "HS256", "typ": "at+jwt", "kid": hmac_kid(ACCESS_SECRET)}
+    assert claims.keys() == {"iss", "aud", "sub", "sid", "iat", "exp", "jti"}
+    assert (claims["sub"], claims["sid"], claims["iat"], claims["exp"]) == (
+        "7",
+        s.id,
+        NOW,
+        NOW + 900,
+    )
+    assert expires_in == 900
+
+
+def test_an_access_token_never_outlives_its_session(tokens):
+    s = session(lifetime=60)
+    token, expires_in = tokens.issue_access(s, NOW)
+    assert unverified(token)[1]["exp"] == s.expires_at == NOW + 60
+    assert expires_in == 60
 
 
 def test_refresh_token_claims(tokens):
-    token = tokens.issue_refresh("7", "family", "the-jti", NOW + 100, NOW)
-    claims = jwt.decode(token, options={"verify_signature": False})
-    assert jwt.get_unverified_header(token)["typ"] == "rt+jwt"
-    assert (claims["jti"], claims["fam"], claims["exp"]) == ("the-jti", "family", NOW + 100)
+    s = session()
+    token = tokens.issue_refresh(s)
+    header, claims = unverified(token)
+    assert header == {"alg": "HS256", "typ": "rt+jwt", "kid": hmac_kid(REFRESH_SECRET)}
+    assert "fam" not in claims
+    assert (claims["jti"], claims["sid"], claims["iat"], claims["exp"]) == (
+        s.jti,
+        s.id,
+        s.issued_at,
+        s.expires_at,
+    )
+
+
+def test_a_refresh_token_is_minted_the_same_each_time(tokens):
+    s = session()
+    assert tokens.issue_refresh(s) == tokens.issue_refresh(s)
 
 
 def test_each_kind_is_signed_with_its_own_secret(tokens):
-    access = tokens.issue_access("7", NOW)
-    refresh = tokens.issue_refresh("7", "family", "jti", NOW + 100, NOW)
+    s = session()
+    access, _ = tokens.issue_access(s, NOW)
     options = {"verify_exp": False, "verify_iat": False, "verify_aud": False}
     jwt.decode(access, ACCESS_SECRET, algorithms=["HS256"], options=options)
-    jwt.decode(refresh, REFRESH_SECRET, algorithms=["HS256"], options=options)
+    jwt.decode(tokens.issue_refresh(s), REFRESH_SECRET, algorithms=["HS256"], options=options)
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(access, REFRESH_SECRET, algorithms=["HS256"], options=options)
 
 
 def test_token_ids_are_unique_within_a_second(tokens):
-    assert tokens.issue_access("7", NOW) != tokens.issue_access("7", NOW)
+    assert tokens.issue_access(session(), NOW) != tokens.issue_access(session(), NOW)
 
 
 def test_decode_round_trip(tokens):
     now = int(time.time())
-    assert tokens.decode(tokens.issue_access("7", now), ACCESS)["sub"] == "7"
-    refresh = tokens.issue_refresh("7", "family", "jti", now + 100, now)
-    assert tokens.decode(refresh, REFRESH)["fam"] == "family"
+    s = session(now)
+    assert tokens.decode(tokens.issue_access(s, now)[0], ACCESS)["sid"] == s.id
+    assert tokens.decode(tokens.issue_refresh(s), REFRESH)["jti"] == s.jti
 
 
 def test_expired_token_is_invalid(tokens):
-    expired = tokens.issue_access("7", int(time.time()) - 10_000)  # minted already expired
-    with pytest.raises(InvalidToken, match="Signature has expired"):
+    expired, _ = tokens.issue_access(session(int(time.time()) - 10_000), int(time.time()) - 10_000)
+    with pytest.raises(InvalidToken, match="The token has expired"):
         tokens.decode(expired, ACCESS)
 
 
-def test_passwords_are_hashed_with_the_owasp_parameters(monkeypatch):
-    monkeypatch.setattr(auth, "PASSWORD_HASH_METHOD", "scrypt:32768:8:3")
-    user = Users().add("Demo@Example.com", "secret password")
-    assert user.password_hash.startswith("scrypt:32768:8:3$")
-    assert "secret password" not in user.password_hash
-    assert check_password_hash(user.password_hash, "secret password")
+@pytest.mark.parametrize(
+    "wanted, shown, message",
+    [
+        (ACCESS, REFRESH, "This is a refresh token; send an access token."),
+        (REFRESH, ACCESS, "This is an access token; send a refresh token."),
+    ],
+)
+def test_the_wrong_kind_says_which_kind_to_send(tokens, wanted, shown, message):
+    s = session(int(time.time()))
+    token = tokens.issue_access(s, s.created_at)[0] if shown == ACCESS else tokens.issue_refresh(s)
+    with pytest.raises(InvalidToken) as refused:
+        tokens.decode(token, wanted)
+    assert str(refused.value) == message
 
 
-def test_emails_match_case_insensitively():
-    users = Users()
-    user = users.add("Demo@Example.com", "pw")
-    assert users.authenticate("DEMO@example.COM", "pw") == user
-    assert users.authenticate("demo@example.com", "wrong") is None
+def test_tokens_of_a_previous_secret_verify_and_new_ones_use_the_new_secret():
+    s = session(int(time.time()))
+    old_token, _ = make_tokens(access=OLD_ACCESS).issue_access(s, s.created_at)
+    rotated = make_tokens(previous=[OLD_ACCESS])
+    assert rotated.decode(old_token, ACCESS)["sid"] == s.id
+    new_token, _ = rotated.issue_access(s, s.created_at)
+    assert jwt.get_unverified_header(new_token)["kid"] == hmac_kid(ACCESS_SECRET)
+    with pytest.raises(InvalidToken, match="a key this service does not hold"):
+        make_tokens().decode(old_token, ACCESS)  # the old secret removed: retired
 
 
-def test_unknown_email_costs_one_hash_check_like_a_wrong_password(monkeypatch):
-    users = Users()
-    users.add("demo@example.com", "pw")
-    checked = []
-    real_check = auth.check_password_hash
-    monkeypatch.setattr(
-        auth, "check_password_hash", lambda h, p: checked.append(h) or real_check(h, p)
-    )
-    assert users.authenticate("nobody@example.com", "pw") is None
-    assert users.authenticate("demo@example.com", "wrong") is None
-    assert len(checked) == 2
-    assert checked[0].split("$")[0] == checked[1].split("$")[0]  # same method and parameters
-
-
-def test_a_key_pyjwt_refuses_is_an_invalid_token_not_a_crash(tokens):
-    pem_key = (
-        "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
-    )
-    confused = Tokens(pem_key, pem_key, 900, "issuer", "audience", 5)
-    with pytest.raises(InvalidToken, match="asymmetric key"):
-        confused.decode(tokens.issue_access("7", int(time.time())), ACCESS)
+def test_csrf_tokens_match_under_current_and_previous_refresh_secrets():
+    old = make_tokens(refresh="an-old-refresh-secret-0123456789abcdef")
+    rotated = Tokens(
+        hmac_ring(ACCESS_SECRET, []),
+        hmac_ring(REFRESH_SECRET, ["an-old-refresh-secret-0123456789abcdef"]),
+        900, "issuer", "audience", 5,
+    )  # fmt: skip
+    assert rotated.csrf_matches("sid-1", old.csrf_token("sid-1"))
+    assert rotated.csrf_matches("sid-1", rotated.csrf_token("sid-1"))
+    assert not rotated.csrf_matches("sid-2", rotated.csrf_token("sid-1"))
+    assert not rotated.csrf_matches("sid-1", "é" * 43)  # any text, never a crash

@@ -1,9 +1,9 @@
 """The production server (granian) with several workers, sharing one Redis, as deployed."""
 
+import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +12,22 @@ from pathlib import Path
 import pytest
 import redis
 
-from .conftest import ACCESS_SECRET, DEMO, REFRESH_SECRET, ROOT, free_port, serve, user_env
+from .conftest import (
+    ACCESS_SECRET,
+    DEMO,
+    REFRESH_SECRET,
+    free_port,
+    run_to_end,
+    serve,
+    start,
+    user_env,
+)
 from .test_server import call, refresh_body
 
 GRANIAN = str(Path(sys.executable).parent / "granian")
 SECRETS = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
+# Under a production server the demo account exists only when its password is set.
+WITH_DEMO = SECRETS | {"DEMO_USER_PASSWORD": DEMO["password"]}
 
 
 def granian(port, workers=2):
@@ -37,12 +48,21 @@ def audit_pids(log_path, event):
 
 
 @pytest.fixture
-def cluster(redis_url, redis_client, tmp_path):
-    """Two granian workers sharing the test Redis."""
-    port = free_port()
-    env = user_env(**SECRETS, REDIS_URL=redis_url)
-    with serve(granian(port), env, ROOT, port, tmp_path) as (url, log_path):
-        yield url, log_path
+def start_cluster(redis_url, redis_client, tmp_path):
+    """Start two granian workers sharing the test Redis, with the given settings."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**settings):
+            port = free_port()
+            env = user_env(**WITH_DEMO, REDIS_URL=redis_url, **settings)
+            return stack.enter_context(serve(granian(port), env, tmp_path, port, tmp_path))
+
+        yield start
+
+
+@pytest.fixture
+def cluster(start_cluster):
+    return start_cluster()
 
 
 def test_refreshes_land_on_both_workers_and_all_succeed(cluster):
@@ -55,8 +75,8 @@ def test_refreshes_land_on_both_workers_and_all_succeed(cluster):
     assert len(audit_pids(log_path, "refreshed")) == 2  # both workers served refreshes
 
 
-def test_reuse_is_detected_across_workers(cluster):
-    url, _ = cluster
+def test_reuse_is_detected_across_workers(start_cluster):
+    url, _ = start_cluster(REFRESH_REUSE_GRACE="0")
     first = call(url, "POST", "/login", DEMO)[2]
     chain = [first]
     for _ in range(6):
@@ -65,8 +85,10 @@ def test_reuse_is_detected_across_workers(cluster):
     assert call(url, "POST", "/token", refresh_body(chain[-1]))[0] == 403
 
 
-def test_sixteen_simultaneous_refreshes_across_workers_have_one_winner(cluster):
-    url, _ = cluster
+def test_sixteen_simultaneous_refreshes_across_workers_without_grace_have_one_winner(
+    start_cluster,
+):
+    url, _ = start_cluster(REFRESH_REUSE_GRACE="0")
     tokens = call(url, "POST", "/login", DEMO)[2]
     barrier = threading.Barrier(16)
 
@@ -85,7 +107,7 @@ def test_health_names_the_store(cluster):
 
 def test_memory_store_under_granian_warns(tmp_path):
     port = free_port()
-    with serve(granian(port, workers=1), user_env(**SECRETS), ROOT, port, tmp_path) as (
+    with serve(granian(port, workers=1), user_env(**SECRETS), tmp_path, port, tmp_path) as (
         url,
         log_path,
     ):
@@ -95,11 +117,9 @@ def test_memory_store_under_granian_warns(tmp_path):
 
 
 def test_granian_refuses_to_start_without_secrets(tmp_path):
-    result = subprocess.run(
-        granian(free_port()), cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode != 0
-    assert "ACCESS_TOKEN_SECRET must be set under granian" in result.stdout + result.stderr
+    status, output = run_to_end(granian(free_port()), user_env(), tmp_path)
+    assert status != 0
+    assert "ACCESS_TOKEN_SECRET must be set under granian" in output
 
 
 # --- Redis failing and coming back ---------------------------------------------------------
@@ -130,7 +150,7 @@ def own_redis(tmp_path):
         url = f"redis://127.0.0.1:{port}/0"
 
         def start(self):
-            self.process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL)
+            self.process = start(command, None, tmp_path)
             with redis.Redis(port=port) as client:
                 for _ in range(100):
                     try:
@@ -162,8 +182,8 @@ def assert_unavailable(status, headers, body):
 
 def test_redis_down_fails_closed_and_recovers(own_redis, tmp_path):
     port = free_port()
-    env = user_env(**SECRETS, REDIS_URL=own_redis.url)
-    with serve(granian(port), env, ROOT, port, tmp_path) as (url, _):
+    env = user_env(**WITH_DEMO, REDIS_URL=own_redis.url)
+    with serve(granian(port), env, tmp_path, port, tmp_path) as (url, _):
         tokens = call(url, "POST", "/login", DEMO)[2]
         own_redis.stop()
         assert_unavailable(*call(url, "POST", "/token", refresh_body(tokens)))

@@ -1,117 +1,246 @@
+"""One suite for every store: sessions, rotation, the grace window, ending, idle and cap."""
+
 import threading
 import time
 
 import pytest
 import redis
 
-from store import REDIS_OPTIONS, MemoryStore, RedisStore, Rotation
+from store import REDIS_OPTIONS, MemoryStore, Policy, RedisStore, Rotation
 
-
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
+NOW = int(time.time())  # each test moves its own clock by passing `now`
+POLICY = Policy(idle_ttl=3600, max_sessions=3, grace=10, lifetime=86_400)
 
 
 @pytest.fixture(params=["memory", "redis"])
-def store(request):
-    """Every backend, so that one suite holds them all to the same behaviour."""
-    if request.param == "redis":
-        return RedisStore(request.getfixturevalue("redis_client"))
-    return MemoryStore()
+def make_store(request):
+    """Build a store of each backend with a policy, so one suite holds both to one behaviour."""
+
+    def make(policy=POLICY):
+        if request.param == "redis":
+            return RedisStore(request.getfixturevalue("redis_client"), policy)
+        return MemoryStore(policy)
+
+    return make
 
 
-def later(seconds=60):
-    return int(time.time()) + seconds
+@pytest.fixture
+def store(make_store):
+    return make_store()
+
+
+def begin(store, user="alice", now=NOW, policy=POLICY, user_agent="curl/8", ip="10.0.0.1"):
+    session = policy.new_session(user, now, user_agent, ip)
+    return session, store.start(session, now)
+
+
+def rotate(store, session, jti, now=NOW, new_jti="next"):
+    return store.rotate(session.id, jti, new_jti=new_jti, user=session.user, now=now, ip="10.0.0.2")
+
+
+def test_new_ids_are_128_bits_of_base64url():
+    session = POLICY.new_session("alice", NOW, "", "")
+    assert len(session.id) >= 22 and len(session.jti) >= 22
+    assert session.id != session.jti
 
 
 def test_rotation_replaces_the_current_token(store):
-    store.start("fam", "jti-1", later())
-    assert store.rotate("fam", "jti-1", "jti-2") is Rotation.ROTATED
-    assert store.rotate("fam", "jti-2", "jti-3") is Rotation.ROTATED
+    session, _ = begin(store)
+    outcome, after = rotate(store, session, session.jti, NOW + 5, "jti-2")
+    assert outcome is Rotation.ROTATED
+    assert (after.jti, after.issued_at, after.last_used_at, after.ip) == (
+        "jti-2",
+        NOW + 5,
+        NOW + 5,
+        "10.0.0.2",
+    )  # noqa: E501
+    assert after.expires_at == session.expires_at  # rotation never extends a session
+    assert rotate(store, after, "jti-2", NOW + 6, "jti-3")[0] is Rotation.ROTATED
 
 
-def test_a_spent_token_is_reuse_and_revokes_the_family(store):
-    store.start("fam", "jti-1", later())
-    store.rotate("fam", "jti-1", "jti-2")
-    assert store.rotate("fam", "jti-1", "jti-x") is Rotation.REUSED
-    assert store.rotate("fam", "jti-2", "jti-3") is Rotation.UNKNOWN
+def test_the_predecessor_within_the_grace_window_gets_the_current_token(store):
+    session, _ = begin(store)
+    _, after = rotate(store, session, session.jti, NOW, "jti-2")
+    for offset in (0, 10):  # the window's edges, inclusive
+        outcome, replayed = rotate(store, session, session.jti, NOW + offset, "ignored")
+        assert outcome is Rotation.REPLAYED
+        assert replayed == after  # nothing changed: same jti, iat, last use, ip and deadline
 
 
-def test_families_are_independent(store):
-    store.start("fam-a", "a-1", later())
-    store.start("fam-b", "b-1", later())
-    store.rotate("fam-a", "a-1", "a-2")
-    store.rotate("fam-a", "a-1", "a-x")  # reuse in family a
-    assert store.rotate("fam-b", "b-1", "b-2") is Rotation.ROTATED
+def test_the_predecessor_after_the_window_is_reuse(store):
+    session, _ = begin(store)
+    _, after = rotate(store, session, session.jti, NOW, "jti-2")
+    assert rotate(store, session, session.jti, NOW + 11)[0] is Rotation.REUSED
+    assert rotate(store, after, "jti-2", NOW + 12)[0] is Rotation.UNKNOWN
+    assert store.get(session.id, NOW + 12) is None
 
 
-def test_unknown_family(store):
-    assert store.rotate("nobody", "jti", "jti-2") is Rotation.UNKNOWN
+def test_an_older_token_is_reuse_even_within_the_window(store):
+    session, _ = begin(store)
+    rotate(store, session, session.jti, NOW, "jti-2")
+    rotate(store, session, "jti-2", NOW + 1, "jti-3")
+    assert rotate(store, session, session.jti, NOW + 2)[0] is Rotation.REUSED
 
 
-def test_revoked_family_is_unknown(store):
-    store.start("fam", "jti-1", later())
-    store.revoke("fam")
-    assert store.rotate("fam", "jti-1", "jti-2") is Rotation.UNKNOWN
-    store.revoke("fam")  # revoking twice is harmless
+def test_no_grace_makes_any_second_use_reuse(make_store):
+    policy = Policy(idle_ttl=0, max_sessions=3, grace=0)
+    store = make_store(policy)
+    session, _ = begin(store, policy=policy)
+    rotate(store, session, session.jti, NOW, "jti-2")
+    assert rotate(store, session, session.jti, NOW)[0] is Rotation.REUSED
 
 
-def test_expired_family_is_unknown(store):
-    store.start("fam", "jti-1", int(time.time()) - 1)
-    assert store.rotate("fam", "jti-1", "jti-2") is Rotation.UNKNOWN
+def test_unknown_session(store):
+    session = POLICY.new_session("alice", NOW, "", "")
+    assert rotate(store, session, session.jti) == (Rotation.UNKNOWN, None)
 
 
-def test_deny_list(store):
-    store.deny("access-1", later())
-    assert store.is_denied("access-1")
-    assert not store.is_denied("access-2")
+def test_absolute_expiry_ends_a_session(store):
+    session, _ = begin(store)
+    assert store.get(session.id, session.expires_at - 1) is None  # idle ends it first here
+    short = Policy(idle_ttl=0, max_sessions=3, lifetime=100)
+    session, _ = begin(store, policy=short)
+    assert store.get(session.id, NOW + 99) is not None
+    assert store.get(session.id, NOW + 100) is None
+    assert rotate(store, session, session.jti, NOW + 100)[0] is Rotation.UNKNOWN
 
 
-def test_denial_ends_with_the_token_expiry(store):
-    store.deny("access-1", int(time.time()) - 1)
-    assert not store.is_denied("access-1")
+def test_idle_timeout_ends_a_session_that_is_not_refreshed(store):
+    session, _ = begin(store)
+    assert session.idle_expires_at == NOW + 3600
+    assert store.get(session.id, NOW + 3599) is not None
+    assert store.get(session.id, NOW + 3600) is None
+    assert rotate(store, session, session.jti, NOW + 3600)[0] is Rotation.UNKNOWN
 
 
-def test_concurrent_rotation_has_exactly_one_winner(store):
-    store.start("fam", "jti-1", later())
-    barrier = threading.Barrier(16)
-    outcomes = []
+def test_rotation_resets_the_idle_deadline_but_never_the_absolute_one(store):
+    session, _ = begin(store)
+    now, jti = NOW, session.jti
+    for step in range(30):  # refreshed every 50 minutes, for 25 hours
+        now += 3000
+        outcome, session = rotate(store, session, jti, now, f"jti-{step}")
+        if outcome is not Rotation.ROTATED:
+            break
+        jti = session.jti
+        assert session.idle_expires_at == min(now + 3600, session.expires_at)
+    assert outcome is Rotation.UNKNOWN and now >= NOW + 86_400
 
-    def rotate(n):
+
+def test_the_idle_deadline_is_never_after_the_absolute_one(make_store):
+    policy = Policy(idle_ttl=3600, lifetime=1000)
+    store = make_store(policy)
+    session, _ = begin(store, policy=policy)
+    assert session.idle_expires_at == session.expires_at == NOW + 1000
+    _, after = rotate(store, session, session.jti, NOW + 10, "jti-2")
+    assert after.idle_expires_at == session.expires_at
+
+
+def test_idle_timeout_off(make_store):
+    policy = Policy(idle_ttl=0, max_sessions=3, lifetime=86_400)
+    store = make_store(policy)
+    session, _ = begin(store, policy=policy)
+    assert session.idle_expires_at is None
+    assert store.get(session.id, NOW + 86_399).idle_expires_at is None
+
+
+def test_sessions_lists_the_users_live_sessions_most_recent_first(store):
+    first, _ = begin(store, now=NOW)
+    second, _ = begin(store, now=NOW + 1)
+    begin(store, user="bob")
+    rotate(store, first, first.jti, NOW + 2, "jti-2")
+    assert [s.id for s in store.sessions("alice", NOW + 3)] == [first.id, second.id]
+    assert store.sessions("carol", NOW) == []
+
+
+def test_end_ends_only_the_owners_live_session(store):
+    mine, _ = begin(store)
+    theirs, _ = begin(store, user="bob")
+    assert not store.end(theirs.id, "alice", NOW)
+    assert store.get(theirs.id, NOW) is not None
+    assert store.end(mine.id, "alice", NOW)
+    assert not store.end(mine.id, "alice", NOW)  # already ended
+    assert not store.end("never-was", "alice", NOW)
+    assert rotate(store, mine, mine.jti)[0] is Rotation.UNKNOWN
+
+
+def test_an_expired_session_is_not_ended_twice(store):
+    session, _ = begin(store)
+    assert not store.end(session.id, "alice", NOW + 3600)
+
+
+def test_end_all_keeps_one_or_none(store):
+    keep, _ = begin(store)
+    other, _ = begin(store)
+    bobs, _ = begin(store, user="bob")
+    assert store.end_all("alice", keep=keep.id) == [other.id]
+    assert [s.id for s in store.sessions("alice", NOW)] == [keep.id]
+    assert store.end_all("alice") == [keep.id]
+    assert store.sessions("alice", NOW) == []
+    assert store.get(bobs.id, NOW) is not None
+
+
+def test_a_login_beyond_the_cap_evicts_the_least_recently_used(store):
+    sessions = [begin(store, now=NOW + n)[0] for n in range(3)]
+    rotate(store, sessions[0], sessions[0].jti, NOW + 10, "jti-2")  # the oldest is now used
+    newest, evicted = begin(store, now=NOW + 11)
+    assert evicted == [sessions[1].id]
+    live = {s.id for s in store.sessions("alice", NOW + 12)}
+    assert live == {sessions[0].id, sessions[2].id, newest.id}
+
+
+def test_ended_sessions_do_not_count_towards_the_cap(store):
+    for n in range(3):
+        session, _ = begin(store, now=NOW + n)
+        store.end(session.id, "alice", NOW + n)
+    assert begin(store, now=NOW + 5)[1] == []
+
+
+def test_concurrent_rotation_without_grace_has_exactly_one_winner(make_store):
+    store = make_store(Policy(grace=0))
+    session, _ = begin(store, policy=Policy(grace=0))
+    outcomes = released_together(16, lambda n: rotate(store, session, session.jti, NOW, f"new-{n}"))
+    kinds = [outcome for outcome, _ in outcomes]
+    assert kinds.count(Rotation.ROTATED) == 1
+    assert kinds.count(Rotation.REUSED) + kinds.count(Rotation.UNKNOWN) == 15
+
+
+def test_concurrent_rotation_with_grace_gives_everyone_the_same_session(store):
+    session, _ = begin(store)
+    outcomes = released_together(16, lambda n: rotate(store, session, session.jti, NOW, f"new-{n}"))
+    kinds = [outcome for outcome, _ in outcomes]
+    assert kinds.count(Rotation.ROTATED) == 1
+    assert kinds.count(Rotation.REPLAYED) == 15
+    assert len({(after.jti, after.issued_at) for _, after in outcomes}) == 1
+
+
+def test_a_global_logout_racing_refreshes_leaves_nothing_alive(store):
+    sessions = [begin(store)[0] for _ in range(3)]
+
+    def act(n):
+        if n == 0:
+            return store.end_all("alice")
+        session = sessions[n % 3]
+        return rotate(store, session, session.jti, NOW, f"new-{n}")
+
+    released_together(17, act)
+    assert store.sessions("alice", NOW) == []
+    assert all(store.get(s.id, NOW) is None for s in sessions)
+
+
+def released_together(count, action):
+    """Run action(n) on `count` threads released by one barrier; return the results."""
+    barrier, results = threading.Barrier(count), [None] * count
+
+    def run(n):
         barrier.wait()
-        outcomes.append(store.rotate("fam", "jti-1", f"new-{n}"))
+        results[n] = action(n)
 
-    threads = [threading.Thread(target=rotate, args=(n,)) for n in range(16)]
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert outcomes.count(Rotation.ROTATED) == 1
-    assert outcomes.count(Rotation.REUSED) + outcomes.count(Rotation.UNKNOWN) == 15
-
-
-def test_memory_store_rotation_expires_with_the_clock():
-    clock = FakeClock()
-    store = MemoryStore(clock)
-    store.start("fam", "jti-1", int(clock.now) + 10)
-    clock.now += 11
-    assert store.rotate("fam", "jti-1", "jti-2") is Rotation.UNKNOWN
-
-
-def test_memory_store_drops_expired_entries():
-    clock = FakeClock()
-    store = MemoryStore(clock)
-    for n in range(1500):
-        store.start(f"old-{n}", "jti", int(clock.now) + 10)
-        store.deny(f"old-{n}", int(clock.now) + 10)
-    clock.now += 20
-    for n in range(1500):
-        store.start(f"new-{n}", "jti", int(clock.now) + 10)
-        store.deny(f"new-{n}", int(clock.now) + 10)
-    assert len(store) == 3000  # the 1500 live of each kind; the 3000 expired are gone
+    return results
 
 
 def test_ping_and_kind(store):
@@ -119,22 +248,42 @@ def test_ping_and_kind(store):
     assert store.kind in ("memory", "redis")
 
 
+def test_memory_store_drops_ended_sessions():
+    store = MemoryStore(Policy(idle_ttl=0, lifetime=10))
+    for n in range(1500):
+        begin(store, user=f"old-{n}", policy=Policy(idle_ttl=0, lifetime=10))
+    for n in range(1500):
+        begin(store, user=f"new-{n}", now=NOW + 20, policy=Policy(idle_ttl=0, lifetime=10))
+    assert len(store) == 1500  # the 1500 live; the 1500 expired are gone
+
+
 def test_redis_keys_expire_with_their_session(redis_client):
-    store = RedisStore(redis_client)
-    store.start("fam", "jti-1", later(100))
-    store.rotate("fam", "jti-1", "jti-2")
-    store.deny("access-1", later(50))
-    assert 95 <= redis_client.ttl("jwt:family:fam") <= 100  # rotation kept the family's expiry
-    assert 45 <= redis_client.ttl("jwt:denied:access-1") <= 50
+    store = RedisStore(redis_client, POLICY)
+    now = int(time.time())
+    session, _ = begin(store, now=now)
+    assert 3595 <= redis_client.ttl(f"jwt:session:{session.id}") <= 3600  # the idle deadline
+    assert 3595 <= redis_client.ttl("jwt:user:alice:sessions") <= 3600
+    rotate(store, session, session.jti, now + 1000, "jti-2")
+    assert 4595 <= redis_client.ttl(f"jwt:session:{session.id}") <= 4600
+    assert 4595 <= redis_client.ttl("jwt:user:alice:sessions") <= 4600
+
+
+def test_redis_index_forgets_ended_sessions(redis_client):
+    store = RedisStore(redis_client, POLICY)
+    session, _ = begin(store)
+    store.end(session.id, "alice", NOW)
+    assert redis_client.exists("jwt:user:alice:sessions") == 0
+    assert redis_client.keys("jwt:*") == []
 
 
 def test_redis_store_is_shared_between_clients(redis_url, redis_client):
-    RedisStore(redis_client).start("fam", "jti-1", later())
-    other = RedisStore(redis.Redis.from_url(redis_url))
-    assert other.rotate("fam", "jti-1", "jti-2") is Rotation.ROTATED
+    session, _ = begin(RedisStore(redis_client, POLICY))
+    other = RedisStore(redis.Redis.from_url(redis_url), POLICY)
+    assert rotate(other, session, session.jti)[0] is Rotation.ROTATED
 
 
 def test_redis_failure_is_raised_not_hidden():
     store = RedisStore(redis.Redis(port=1, **REDIS_OPTIONS))
+    session = POLICY.new_session("alice", NOW, "", "")
     with pytest.raises(redis.ConnectionError):
-        store.rotate("fam", "jti-1", "jti-2")
+        rotate(store, session, session.jti)

@@ -1,0 +1,27 @@
+# `make run` serves the app and `make test` runs the tests, each in .venv, made when missing:
+# Debian's system Python refuses `pip install` outside a virtual environment (PEP 668).
+# Requirements are installed again only when a requirements file changed (a stamp in .venv).
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: run test clean
+
+run: $(VENV)/installed-run
+	$(PYTHON) server.py
+
+test: $(VENV)/installed-test
+	$(VENV)/bin/pytest
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+$(VENV)/installed-run: requirements.txt | $(PYTHON)
+	$(PYTHON) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/installed-test: requirements.txt requirements-dev.txt | $(PYTHON)
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV)

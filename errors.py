@@ -1,0 +1,51 @@
+"""Errors: the one JSON shape every failure is answered with, and the handlers that give it.
+
+Every error body is ``{"error": "<snake_case_code>", "message": "<what to do about it>"}``.
+"""
+
+import re
+from typing import Any
+
+import redis
+from flask import Flask, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class APIError(HTTPException):
+    """An HTTP error with the snake_case code that the JSON error body carries."""
+
+    def __init__(
+        self, code: int, error: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(description=message)
+        self.code = code
+        self.error = error
+        self.headers = headers or {}
+
+    def get_headers(self, *args: Any) -> list[tuple[str, str]]:
+        return list(self.headers.items())
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every HTTP error, and every store failure, in the one JSON shape."""
+    app.register_error_handler(HTTPException, handle_http_error)
+    app.register_error_handler(redis.RedisError, store_unavailable)
+
+
+def handle_http_error(error: HTTPException) -> Response:
+    """Answer an HTTP error, ours or Flask's, with the JSON shape."""
+    code = getattr(error, "error", None) or re.sub(r"\W+", "_", (error.name or "error").lower())
+    response = jsonify(error=code, message=error.description)
+    response.status_code = error.code or 500
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def store_unavailable(error: redis.RedisError) -> Response:
+    """Fail closed: without the store's word no token is issued or accepted."""
+    current_app.logger.error("The store failed: %s", type(error).__name__)
+    message = "The session store is not answering. Try again in a few seconds."
+    # RFC 9110 §10.2.3: Retry-After tells a client when a 503 may be over.
+    return handle_http_error(APIError(503, "store_unavailable", message, {"Retry-After": "5"}))

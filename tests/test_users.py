@@ -1,0 +1,352 @@
+import logging
+import os
+import stat
+
+import argon2
+import pytest
+from flask import Flask
+from werkzeug.security import generate_password_hash
+
+import users
+from settings import ConfigError
+from users import Users, users_cli
+
+# Taken when this module is imported, before conftest's autouse fixture swaps in a cheap one.
+SHIPPED_HASHER = users.PASSWORD_HASHER
+OWASP_PREFIX = "$argon2id$v=19$m=19456,t=2,p=1$"
+LOG = logging.getLogger("test_users")
+
+
+class SpyHasher:
+    """Hashes and verifies as the wrapped hasher does, and records each hash it verifies."""
+
+    def __init__(self, hasher):
+        self.hasher = hasher
+        self.verified = []
+
+    def hash(self, password):
+        return self.hasher.hash(password)
+
+    def verify(self, password_hash, password):
+        self.verified.append(password_hash)
+        return self.hasher.verify(password_hash, password)
+
+    def check_needs_rehash(self, password_hash):
+        return self.hasher.check_needs_rehash(password_hash)
+
+
+def write(tmp_path, text, mode=0o600):
+    path = tmp_path / "users.txt"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def load(path, required=True):
+    return Users.load(str(path), required=required, log=LOG)
+
+
+def test_hashes_with_argon2id_at_owasp_parameters(monkeypatch):
+    monkeypatch.setattr(users, "PASSWORD_HASHER", SHIPPED_HASHER)
+    password_hash = users.hash_password("correct horse")
+    assert password_hash.startswith(OWASP_PREFIX)
+    assert password_hash != users.hash_password("correct horse")  # a salt of its own
+    user = Users.load(None, required=False, log=LOG).add("alice@example.com", "correct horse")
+    assert user.password_hash.startswith(OWASP_PREFIX)
+
+
+def test_unknown_email_verifies_once_against_a_decoy_of_the_same_parameters(monkeypatch):
+    spy = SpyHasher(SHIPPED_HASHER)
+    monkeypatch.setattr(users, "PASSWORD_HASHER", spy)
+    accounts = Users.load(None, required=False, log=LOG)
+    alice = accounts.add("alice@example.com", "correct horse")
+
+    assert accounts.authenticate("nobody@example.com", "correct horse") is None
+    assert len(spy.verified) == 1
+    assert spy.verified[0].startswith(OWASP_PREFIX)
+    assert spy.verified[0] != alice.password_hash
+
+    assert accounts.authenticate("alice@example.com", "wrong") is None
+    assert spy.verified[1:] == [alice.password_hash]
+
+
+def test_logs_in_case_insensitively_and_finds_the_user_by_id():
+    accounts = Users.load(None, required=False, log=LOG)
+    alice = accounts.add("Alice@Example.com", "correct horse")
+    assert alice.email == "alice@example.com"
+    assert accounts.authenticate("ALICE@example.COM", "correct horse") == alice
+    assert accounts.authenticate("alice@example.com", "Correct horse") is None
+    assert accounts.get(alice.id) == alice
+    assert accounts.get("no-such-id") is None
+    with pytest.raises(ValueError):
+        accounts.add("alice@EXAMPLE.com", "another")
+
+
+@pytest.mark.parametrize("method", ["scrypt:1024:8:1", "pbkdf2:sha256:1000"])
+def test_old_werkzeug_hash_verifies_and_is_upgraded_in_the_file(tmp_path, method):
+    old = generate_password_hash("old secret", method=method)
+    bob = users.hash_password("bob's secret")
+    before = f"# our team\nbob@example.com:{bob}\n\nAlice@Example.com:{old}\r\n# end"
+    path = write(tmp_path, before, mode=0o640)
+    accounts = load(path)
+
+    assert accounts.authenticate("alice@example.com", "wrong") is None
+    assert path.read_bytes() == before.encode()  # a failed login upgrades nothing
+    alice = accounts.authenticate("alice@example.com", "old secret")
+    assert alice is not None
+    assert alice.password_hash.startswith("$argon2id$")
+    assert accounts.get(alice.id) == alice
+
+    after = f"# our team\nbob@example.com:{bob}\n\nAlice@Example.com:{alice.password_hash}\r\n# end"
+    assert path.read_bytes() == after.encode()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["users.txt"]  # no temporary file left behind
+    assert load(path).authenticate("alice@example.com", "old secret") == alice
+
+
+def test_argon2_hash_with_older_parameters_is_upgraded(tmp_path):
+    weaker = argon2.PasswordHasher(time_cost=1, memory_cost=16, parallelism=1)
+    path = write(tmp_path, f"alice@example.com:{weaker.hash('secret')}\n")
+    alice = load(path).authenticate("alice@example.com", "secret")
+    assert not users.PASSWORD_HASHER.check_needs_rehash(alice.password_hash)
+    assert path.read_text() == f"alice@example.com:{alice.password_hash}\n"
+
+
+def test_current_hash_is_not_rewritten(tmp_path):
+    text = f"alice@example.com:{users.hash_password('secret')}\n"
+    path = write(tmp_path, text)
+    alice = load(path).authenticate("alice@example.com", "secret")
+    assert alice.password_hash in text
+    assert path.read_text() == text
+
+
+@pytest.mark.parametrize("change", ["removed", "edited"])
+def test_upgrade_survives_a_file_changed_since_start(tmp_path, caplog, change):
+    old = generate_password_hash("old secret", method="scrypt:1024:8:1")
+    path = write(tmp_path, f"alice@example.com:{old}\n")
+    accounts = load(path)
+    edited = f"alice@example.com:{users.hash_password('new secret')}\n"
+    if change == "removed":
+        path.unlink()
+    else:
+        path.write_text(edited)
+
+    alice = accounts.authenticate("alice@example.com", "old secret")
+
+    assert alice.password_hash.startswith("$argon2id$")
+    assert accounts.authenticate("alice@example.com", "old secret") == alice
+    assert "kept in memory only" in caplog.text
+    assert alice.password_hash not in caplog.text
+    assert (path.read_text() == edited) if change == "edited" else not path.exists()
+
+
+def test_reads_accounts_skipping_comments_and_blank_lines(tmp_path):
+    alice = users.hash_password("alice's secret")
+    path = write(tmp_path, f"# accounts\n\n   \nAlice@Example.COM:{alice}\n  # bob left\n")
+    accounts = load(path)
+    user = accounts.authenticate("alice@example.com", "alice's secret")
+    assert user.email == "alice@example.com"
+    assert accounts.get(user.id) == user
+    assert accounts.authenticate("# accounts", "") is None
+
+
+def test_ids_are_stable_across_restarts_edits_and_sources(tmp_path):
+    secret = users.hash_password("secret")
+    first = load(write(tmp_path, f"alice@example.com:{secret}\nbob@example.com:{secret}\n"))
+    alice = first.authenticate("alice@example.com", "secret")
+    bob = first.authenticate("bob@example.com", "secret")
+    assert alice.id != bob.id
+    # Alice's line is gone, Carol's comes first, Bob's email is cased differently.
+    second = load(write(tmp_path, f"carol@example.com:{secret}\nBOB@example.com:{secret}\n"))
+    assert second.authenticate("bob@example.com", "secret").id == bob.id
+    in_memory = Users.load(None, required=False, log=LOG).add("ALICE@example.com", "other")
+    assert in_memory.id == alice.id
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("alice@example.com", "not 'email:password-hash'"),
+        ("alice@example.com:", "neither Argon2id"),
+        ("alice@example.com:plain-text-password", "neither Argon2id"),
+        ("alice@example.com:$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ", "neither Argon2id"),
+        ("alice@example.com:md5$salt$0123abcd", "neither Argon2id"),
+        (":{hash}", "the email is empty"),
+        ("alice @example.com:{hash}", "a space"),
+        ("alice@example.com:{hash}:extra", "neither Argon2id"),
+    ],
+)
+def test_malformed_line_names_file_and_line_but_shows_nothing_of_it(tmp_path, line, problem):
+    good = users.hash_password("good")
+    line = line.format(hash=users.hash_password("bad"))
+    path = write(tmp_path, f"# accounts\nbob@example.com:{good}\n{line}\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    message = raised.value.message
+    assert f"USERS_FILE {path}, line 3: " in message
+    assert problem in message
+    hidden = line.partition(":")[2]
+    assert line not in message
+    assert not hidden or hidden not in message
+
+
+def test_duplicate_email_names_both_lines(tmp_path):
+    password_hash = users.hash_password("secret")
+    path = write(
+        tmp_path, f"alice@example.com:{password_hash}\n\nALICE@example.com:{password_hash}\n"
+    )
+    with pytest.raises(ConfigError, match=r"line 3: the same email as line 1\."):
+        load(path)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    path = tmp_path / "users.txt"
+    path.write_bytes(b"alice@example.com:\xff\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load(path)
+
+
+def test_missing_file_is_an_error_when_required(tmp_path):
+    path = tmp_path / "absent.txt"
+    with pytest.raises(ConfigError, match=f"USERS_FILE {path} does not exist"):
+        load(path, required=True)
+    with pytest.raises(ConfigError, match="USERS_FILE is not set"):
+        Users.load(None, required=True, log=LOG)
+
+
+def test_missing_file_is_a_warning_when_not_required(tmp_path, caplog):
+    path = tmp_path / "absent.txt"
+    accounts = load(path, required=False)
+    assert f"USERS_FILE {path} does not exist" in caplog.text
+    assert accounts.authenticate("alice@example.com", "secret") is None
+
+
+# The `users` command line, on a bare Flask app until server.py registers it.
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    return tmp_path / "users.txt"
+
+
+@pytest.fixture
+def cli(users_file):
+    app = Flask(__name__)
+    app.config["USERS_FILE"] = str(users_file)
+    app.cli.add_command(users_cli)
+    runner = app.test_cli_runner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(args=["users", *args], input=input)
+
+    invoke.app = app
+    return invoke
+
+
+def test_add_creates_the_file_for_its_owner_only_and_the_account_logs_in(cli, users_file):
+    result = cli("add", "Alice@Example.com", input="correct horse\ncorrect horse\n")
+    assert result.exit_code == 0, result.output
+    assert f"Added Alice@Example.com to {users_file}." in result.output
+    assert "correct horse" not in result.output and "$argon2id$" not in result.output
+    assert stat.S_IMODE(users_file.stat().st_mode) == 0o600
+    assert load(users_file).authenticate("alice@example.com", "correct horse") is not None
+
+
+def test_add_appends_after_a_last_line_without_newline(cli, users_file):
+    users_file.write_text("# accounts")
+    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
+    lines = users_file.read_text().splitlines()
+    assert lines[0] == "# accounts" and lines[1].startswith("alice@example.com:$argon2id$")
+
+
+def test_add_refuses_an_email_that_has_an_account(cli, users_file):
+    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
+    result = cli("add", "ALICE@example.com", input="other\nother\n")
+    assert result.exit_code == 1
+    assert f"ALICE@example.com already has an account in {users_file}." in result.output
+    assert len(users_file.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("email", "problem"),
+    [
+        ("", "the email is empty"),
+        ("a:b@example.com", "holds ':'"),
+        ("alice @example.com", "a space"),
+        ("alice\x07@example.com", "a control character"),
+        ("#alice@example.com", "starts with '#'"),
+        ("a" * 245 + "@example.com", "longer than 254"),
+    ],
+)
+def test_add_refuses_an_email_that_cannot_sit_on_a_line(cli, users_file, email, problem):
+    result = cli("add", email, input="secret\nsecret\n")
+    assert result.exit_code == 1
+    assert "Cannot add this email" in result.output and problem in result.output
+    assert not users_file.exists()
+
+
+def test_add_asks_again_when_the_confirmation_differs(cli, users_file):
+    result = cli("add", "alice@example.com", input="secret\nsecre\n")
+    assert "The two entered values do not match." in result.output
+    assert result.exit_code == 1  # no third answer: aborted
+    assert not users_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [("", "The password is empty."), ("x" * 1025, "longer than 1024 characters")],
+)
+def test_add_refuses_an_empty_or_overlong_password(cli, users_file, password, problem):
+    result = cli("add", "alice@example.com", input=f"{password}\n{password}\n")
+    assert problem in result.output
+    assert result.exit_code == 1
+    assert not users_file.exists()
+
+
+def test_list_prints_emails_only(cli, users_file):
+    for email in ("alice@example.com", "Bob@Example.com"):
+        assert cli("add", email, input="secret\nsecret\n").exit_code == 0
+    with users_file.open("a") as file:
+        file.write("# a comment\n")
+    result = cli("list")
+    assert result.exit_code == 0
+    assert result.output == "alice@example.com\nBob@Example.com\n"
+
+
+def test_list_names_a_malformed_line(cli, users_file):
+    users_file.write_text("alice@example.com:not-a-hash\n")
+    result = cli("list")
+    assert result.exit_code == 1
+    assert f"USERS_FILE {users_file}, line 1:" in result.output
+    assert "not-a-hash" not in result.output
+
+
+def test_remove_deletes_only_that_account(cli, users_file):
+    for email in ("alice@example.com", "bob@example.com"):
+        assert cli("add", email, input="secret\nsecret\n").exit_code == 0
+    users_file.write_text("# team\n" + users_file.read_text())
+    bob_line = users_file.read_text().splitlines()[2]
+
+    result = cli("remove", "ALICE@example.com")
+
+    assert result.exit_code == 0, result.output
+    assert users_file.read_text() == f"# team\n{bob_line}\n"
+    assert stat.S_IMODE(users_file.stat().st_mode) == 0o600
+    assert cli("list").output == "bob@example.com\n"
+
+
+def test_remove_refuses_an_email_without_account(cli, users_file):
+    assert cli("add", "bob@example.com", input="secret\nsecret\n").exit_code == 0
+    before = users_file.read_text()
+    result = cli("remove", "alice@example.com")
+    assert result.exit_code == 1
+    assert f"{users_file} has no account for alice@example.com." in result.output
+    assert users_file.read_text() == before
+
+
+@pytest.mark.parametrize("args", [("add", "alice@example.com"), ("list",), ("remove", "a@b.c")])
+def test_commands_without_users_file_say_how_to_set_it(cli, args):
+    cli.app.config["USERS_FILE"] = None
+    result = cli(*args, input="secret\nsecret\n")
+    assert result.exit_code == 1
+    assert "Set USERS_FILE to the accounts file, e.g. USERS_FILE=users.txt" in result.output

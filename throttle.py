@@ -1,0 +1,90 @@
+"""The login guard: how many password guesses are allowed, and how many are hashed at once.
+
+Three moving-window limits, counted *before* the password is checked, so that guesses sent
+at the same moment cannot slip past a check made before any of them was counted:
+
+- per email and client address (``LOGIN_RATE_LIMIT``): one address guessing one account;
+- per account, across all addresses (``LOGIN_ACCOUNT_RATE_LIMIT``): a botnet on one account;
+- per address, across all emails (``LOGIN_ADDRESS_RATE_LIMIT``): password spraying.
+
+A successful login clears the first two (the user knows the password); never the third, or
+one valid account would reset it. The counters live where the sessions do: in this process,
+or in Redis for every worker. A semaphore bounds how many memory-hard hashes run at once.
+"""
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.storage import Storage
+from limits.strategies import MovingWindowRateLimiter
+
+from errors import APIError
+
+LIMITS = ("email_address", "account", "address")
+# Seconds a login waits for a hashing slot before it is told to come back.
+SLOT_WAIT = 2
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str  # named in the audit line, never in the answer
+    item: RateLimitItem
+
+
+class LoginGuard:
+    """Counts login attempts against the three limits and hands out hashing slots."""
+
+    def __init__(self, storage: Storage, limits: dict[str, str], max_concurrent: int) -> None:
+        self._limiter = MovingWindowRateLimiter(storage)
+        self._limits = {name: Limit(name, parse(text)) for name, text in limits.items()}
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def count_attempt(self, email: str, address: str, names: tuple[str, ...] = LIMITS) -> None:
+        """Count one attempt on the named limits; raise the 429 of the first that is full."""
+        # NIST SP 800-63B §5.2.2 and OWASP Authentication Cheat Sheet: limit failed attempts.
+        for limit, identifiers in self._identifiers(email.lower(), address):
+            if limit.name not in names:
+                continue
+            # hit() adds the attempt only if the window has room, in one atomic step.
+            if not self._limiter.hit(limit.item, limit.name, *identifiers):
+                raise self._throttled(limit, identifiers)
+
+    def succeeded(self, email: str, address: str) -> None:
+        """Forget this email's failures, from this address and from everywhere."""
+        for limit, identifiers in self._identifiers(email.lower(), address):
+            if limit.name != "address":
+                self._limiter.clear(limit.item, limit.name, *identifiers)
+
+    @contextlib.contextmanager
+    def hashing_slot(self) -> Iterator[None]:
+        """Hold one of the few slots for a memory-hard hash, or answer 503 if none frees up."""
+        # OWASP Password Storage Cheat Sheet: memory-hard hashing must not exhaust memory.
+        if not self._slots.acquire(timeout=SLOT_WAIT):
+            message = "Too many logins are being checked right now. Try again in a second."
+            raise APIError(503, "server_busy", message, {"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _identifiers(self, email: str, address: str) -> list[tuple[Limit, tuple[str, ...]]]:
+        keys = {"email_address": (email, address), "account": (email,), "address": (address,)}
+        return [(self._limits[name], keys[name]) for name in keys]
+
+    def _throttled(self, limit: Limit, identifiers: tuple[str, ...]) -> APIError:
+        stats = self._limiter.get_window_stats(limit.item, limit.name, *identifiers)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        error = APIError(
+            429,
+            "too_many_requests",
+            f"Too many failed logins; retry in {retry_after} s.",
+            # RFC 6585 §4: a 429 may say in Retry-After how long to wait.
+            {"Retry-After": str(retry_after)},
+        )
+        error.limit = limit.name  # for the audit line
+        return error
