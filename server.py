@@ -64,8 +64,8 @@ def login() -> Response:
     except APIError as error:
         audit("login_throttled", limit=getattr(error, "limit", ""))
         raise
-    with guard.hashing_slot():
-        user = current_app.extensions["users"].authenticate(email, password)
+    users = current_app.extensions["users"]
+    user = guard.check_password(lambda: users.authenticate(email, password))
     if user is None:
         audit("login_failed")
         # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.

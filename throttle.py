@@ -9,15 +9,21 @@ at the same moment cannot slip past a check made before any of them was counted:
 
 A successful login clears the first two (the user knows the password); never the third, or
 one valid account would reset it. The counters live where the sessions do: in this process,
-or in Redis for every worker. A semaphore bounds how many memory-hard hashes run at once.
+or in Redis for every worker.
+
+Password checks are memory-hard (19 MiB each), so they run on a few threads of their own:
+that bounds how many run at once, and also how much memory stays behind, since the C
+allocator keeps an arena per thread that has hashed.
 """
 
-import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from limits import RateLimitItem, parse
 from limits.storage import Storage
@@ -28,6 +34,7 @@ from errors import APIError
 LIMITS = ("email_address", "account", "address")
 # Seconds a login waits for a hashing slot before it is told to come back.
 SLOT_WAIT = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class LoginGuard:
         self._limiter = MovingWindowRateLimiter(storage)
         self._limits = {name: Limit(name, parse(text)) for name, text in limits.items()}
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._hashers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="password-check")
+        weakref.finalize(self, self._hashers.shutdown, wait=False)
 
     def count_attempt(self, email: str, address: str, names: tuple[str, ...] = LIMITS) -> None:
         """Count one attempt on the named limits; raise the 429 of the first that is full."""
@@ -60,15 +69,14 @@ class LoginGuard:
             if limit.name != "address":
                 self._limiter.clear(limit.item, limit.name, *identifiers)
 
-    @contextlib.contextmanager
-    def hashing_slot(self) -> Iterator[None]:
-        """Hold one of the few slots for a memory-hard hash, or answer 503 if none frees up."""
+    def check_password(self, check: Callable[[], T]) -> T:
+        """Run ``check`` on a hashing thread once a slot is free, or answer 503 if none frees up."""
         # OWASP Password Storage Cheat Sheet: memory-hard hashing must not exhaust memory.
         if not self._slots.acquire(timeout=SLOT_WAIT):
             message = "Too many logins are being checked right now. Try again in a second."
             raise APIError(503, "server_busy", message, {"Retry-After": "1"})
         try:
-            yield
+            return self._hashers.submit(check).result()
         finally:
             self._slots.release()
 

@@ -1,10 +1,12 @@
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,9 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCESS_SECRET = "test-access-secret-0123456789abcdef"
 REFRESH_SECRET = "test-refresh-secret-0123456789abcdef"
 TEST_CONFIG = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
+SECRETS = TEST_CONFIG
+GRANIAN = str(Path(sys.executable).parent / "granian")
 DEMO = {"email": "demo@example.com", "password": "demo-password"}
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 DEMO_ID = "dGIQiYT2Kdss7Rrr"  # derived from the email, the same in every process
+# Under a production server the demo account exists only when its password is set.
+WITH_DEMO = SECRETS | {"DEMO_USER_PASSWORD": DEMO["password"]}
 
 
 @pytest.fixture(autouse=True)
@@ -195,3 +201,70 @@ def start_server(tmp_path):
 def live_server(start_server):
     """`python server.py` with no settings at all."""
     return start_server()
+
+
+def granian(port, workers=2):
+    """The README's production command, on a free port."""
+    return [
+        GRANIAN, "--interface", "wsgi", "--factory", "--workers", str(workers),
+        "--blocking-threads", "2", "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def start_cluster(redis_url, redis_client, tmp_path):
+    """Start two granian workers sharing the test Redis, with the given settings."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**settings):
+            port = free_port()
+            env = user_env(**WITH_DEMO, REDIS_URL=redis_url, **settings)
+            return stack.enter_context(serve(granian(port), env, tmp_path, port, tmp_path))
+
+        yield start
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, to stop and start again."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs redis-server on PATH")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def start(self):
+            self.process = start(command, None, tmp_path)
+            with redis.Redis(port=port) as client:
+                for _ in range(100):
+                    try:
+                        client.ping()
+                        return
+                    except redis.ConnectionError:
+                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
+            raise RuntimeError("redis-server did not start")
+
+        def stop(self):
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    server = Server()
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()

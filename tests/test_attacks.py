@@ -6,18 +6,39 @@ at GET /me (401) and as a refresh token at POST /token (403).
 """
 
 import base64
+import contextlib
 import json
+import logging
+import re
+import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jwt
 import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 
+import throttle
 from keys import hmac_kid
 from server import create_app
 
-from .conftest import ACCESS_SECRET, DEMO, REFRESH_SECRET, TEST_CONFIG
+from .conftest import (
+    ACCESS_SECRET,
+    DEMO,
+    REFRESH_SECRET,
+    TEST_CONFIG,
+    free_port,
+    granian,
+    run_to_end,
+    serve,
+    user_env,
+)
+from .test_server import call
 
 SECRETS = {"access": ACCESS_SECRET, "refresh": REFRESH_SECRET}
 TYP = {"access": "at+jwt", "refresh": "rt+jwt"}
@@ -240,3 +261,288 @@ def test_refresh_token_is_refused_at_me_even_with_equal_secrets(equal_secrets_cl
         "message": "The access token is not valid: This is a refresh token; "
         "send an access token. Log in or refresh to get a new one.",
     }
+
+
+# --- over HTTP, against real server processes ---------------------------------------------
+
+
+def released_together(count, action):
+    """Run action(n) on `count` threads released by one barrier; return the results in order."""
+    barrier = threading.Barrier(count)
+
+    def run(n):
+        barrier.wait()
+        return action(n)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
+WRONG = DEMO | {"password": "wrong password"}
+
+
+@pytest.fixture(params=["python server.py", "granian, 2 workers, Redis"])
+def throttled_server(request, start_server):
+    """A server whose login limit is 3 per email and address, as each kind of user runs it."""
+    limit = {"LOGIN_RATE_LIMIT": "3 per 15 minutes"}
+    if request.param == "python server.py":
+        return start_server(**limit)
+    return request.getfixturevalue("start_cluster")(**limit)[0]
+
+
+def test_guesses_sent_at_the_same_moment_never_pass_the_limit(throttled_server):
+    # NIST SP 800-63B §5.2.2: the limit bounds guesses however they arrive.
+    statuses = released_together(12, lambda _: call(throttled_server, "POST", "/login", WRONG)[0])
+    assert sorted(statuses) == [401] * 3 + [429] * 9
+    assert call(throttled_server, "POST", "/login", DEMO)[0] == 429  # locked, right password too
+
+
+def test_a_successful_login_clears_the_count_for_its_email(live_server):
+    for _ in range(9):
+        assert call(live_server, "POST", "/login", WRONG)[0] == 401
+    assert call(live_server, "POST", "/login", DEMO)[0] == 200
+    for _ in range(10):  # ten fresh guesses again: the user who knew the password reset them
+        assert call(live_server, "POST", "/login", WRONG)[0] == 401
+    assert call(live_server, "POST", "/login", WRONG)[0] == 429
+
+
+def test_an_account_is_limited_across_addresses(client):
+    app = create_app(TEST_CONFIG | {"LOGIN_ACCOUNT_RATE_LIMIT": "4 per day"})
+    client = app.test_client()
+    for n in range(4):
+        address = {"REMOTE_ADDR": f"192.0.2.{n}"}
+        assert client.post("/login", json=WRONG, environ_base=address).status_code == 401
+    response = client.post("/login", json=DEMO, environ_base={"REMOTE_ADDR": "198.51.100.9"})
+    assert response.status_code == 429
+
+
+def test_an_address_is_limited_across_emails_and_a_success_never_resets_it():
+    client = create_app(
+        TEST_CONFIG | {"LOGIN_ADDRESS_RATE_LIMIT": "5 per 15 minutes"}
+    ).test_client()
+    for n in range(3):
+        assert client.post("/login", json=WRONG | {"email": f"user{n}@x.test"}).status_code == 401
+    assert client.post("/login", json=DEMO).status_code == 200  # counted, and clears nothing
+    assert client.post("/login", json=WRONG | {"email": "user9@x.test"}).status_code == 401
+    assert client.post("/login", json=DEMO).status_code == 429  # spraying: the address is done
+    other = {"REMOTE_ADDR": "192.0.2.50"}
+    assert client.post("/login", json=DEMO, environ_base=other).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limit", ["LOGIN_RATE_LIMIT", "LOGIN_ACCOUNT_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT"]
+)  # noqa: E501
+def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, caplog, monkeypatch):
+    client = create_app(TEST_CONFIG | {limit: "1 per minute"}).test_client()
+    monkeypatch.setattr(logging.getLogger("audit"), "handlers", [caplog.handler])
+    for email in ("demo@example.com", "nobody@example.com"):  # known and unknown alike
+        client.post("/login", json=WRONG | {"email": email})
+        response = client.post("/login", json=WRONG | {"email": email})
+        assert response.status_code == 429
+        assert response.json == {
+            "error": "too_many_requests",
+            "message": f"Too many failed logins; retry in {response.headers['Retry-After']} s.",
+        }
+        if limit != "LOGIN_RATE_LIMIT":
+            break  # the account or address limit is reached for every email alike
+    names = {"LOGIN_RATE_LIMIT": "email_address", "LOGIN_ACCOUNT_RATE_LIMIT": "account",
+             "LOGIN_ADDRESS_RATE_LIMIT": "address"}  # fmt: skip
+    throttled = [
+        json.loads(r.getMessage()) for r in caplog.records if "login_throttled" in r.getMessage()
+    ]  # noqa: E501
+    assert throttled and {record["limit"] for record in throttled} == {names[limit]}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("email", "a" * 243 + "@example.com"), ("password", "p" * 1025)],
+)
+def test_oversized_credentials_are_refused_before_any_work(live_server, field, value):
+    # RFC 5321 §4.5.3.1.3 (254 characters) and a 1024-character passphrase bound the input.
+    for _ in range(5):  # not counted: the limit of 10 is never reached
+        status, _, body = call(live_server, "POST", "/login", DEMO | {field: value})
+        assert (status, body["error"]) == (400, "invalid_field")
+    for _ in range(10):
+        assert call(live_server, "POST", "/login", WRONG)[0] == 401
+
+
+def test_a_login_that_gets_no_hashing_slot_is_a_503(monkeypatch):
+    monkeypatch.setattr(throttle, "SLOT_WAIT", 0.01)
+    app = create_app(TEST_CONFIG | {"MAX_CONCURRENT_LOGINS": "1"})
+    client, guard = app.test_client(), app.extensions["login_guard"]
+    # Another login is hashing while this one arrives.
+    response = guard.check_password(lambda: client.post("/login", json=DEMO))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json["error"] == "server_busy"
+    assert app.test_client().post("/login", json=DEMO).status_code == 200  # the slot is back
+
+
+def peak_memory(pid):
+    """The highest resident memory a process ever had (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
+
+def server_pids(url):
+    """The pids of the processes started with PORT set to the URL's port."""
+    port = url.rsplit(":", 1)[1]
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            environ = (cmdline.parent / "environ").read_bytes()
+            if f"\0PORT={port}\0".encode() in b"\0" + environ:
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def login_memory_growth(start_server, **settings):
+    """Peak memory a `python server.py` gains while forty logins with unknown emails run."""
+    url = start_server(LOGIN_ADDRESS_RATE_LIMIT="100 per minute", **settings)
+    call(url, "POST", "/login", DEMO)  # warm up: one hash before the baseline
+    (pid,) = server_pids(url)
+    before = peak_memory(pid)
+    statuses = released_together(
+        40, lambda n: call(url, "POST", "/login", {"email": f"u{n}@x.test", "password": "pw"})[0]
+    )
+    assert set(statuses) <= {401, 503}
+    return peak_memory(pid) - before
+
+
+def test_forty_parallel_logins_do_not_take_forty_hashes_of_memory(start_server):
+    # OWASP Password Storage Cheat Sheet: memory-hard hashing, so bound how many run at once.
+    bounded = login_memory_growth(start_server, MAX_CONCURRENT_LOGINS="2")
+    unbounded = login_memory_growth(start_server, MAX_CONCURRENT_LOGINS="40")  # the control
+    # Each Argon2id check holds 19 MiB: two slots bound the growth to about 40 MiB, while
+    # forty at once take several hundred (the control shows the measurement sees it).
+    assert bounded < 80 * 2**20, f"grew by {bounded // 2**20} MiB"
+    assert unbounded > 3 * bounded, (unbounded // 2**20, bounded // 2**20)
+
+
+def test_a_store_that_fails_mid_login_is_a_503_never_a_500(redis_url, redis_client, start_server):
+    # A Redis user that may touch the login counters but not the sessions: the count
+    # succeeds, then writing the session fails, as when Redis dies between the two.
+    redis_client.acl_setuser(
+        "half", enabled=True, passwords=["+pw"], keys=["LIMITS*"], commands=["+@all"]
+    )  # noqa: E501
+    try:
+        half = redis_url.replace("redis://", "redis://half:pw@")
+        url = start_server(REDIS_URL=half)
+        status, headers, body = call(url, "POST", "/login", DEMO)
+        assert (status, headers["Retry-After"], body["error"]) == (503, "5", "store_unavailable")
+    finally:
+        redis_client.acl_deluser("half")
+
+
+def test_redis_down_during_logins_is_a_503_and_counts_again_when_it_returns(
+    own_redis, start_server
+):  # noqa: E501
+    url = start_server(REDIS_URL=own_redis.url, LOGIN_RATE_LIMIT="2 per 15 minutes")
+    own_redis.stop()
+    for _ in range(3):
+        status, headers, body = call(url, "POST", "/login", WRONG)
+        assert (status, headers["Retry-After"], body["error"]) == (503, "5", "store_unavailable")
+    own_redis.start()
+    assert [call(url, "POST", "/login", WRONG)[0] for _ in range(3)] == [401, 401, 429]
+
+
+def test_the_demo_password_never_works_under_a_production_server(tmp_path):
+    # OWASP ASVS 2.1: no well-known credentials; APP_ENV left out does not change that.
+    port = free_port()
+    env = user_env(**TEST_CONFIG)
+    with serve(granian(port, workers=1), env, tmp_path, port, tmp_path) as (url, _):
+        assert call(url, "POST", "/login", DEMO)[0] == 401
+
+
+def test_production_refuses_the_memory_store_under_a_forking_server(tmp_path):
+    # Each worker would keep its own sessions, so a logout would not reach the others.
+    env = user_env(**TEST_CONFIG, APP_ENV="production")
+    status, output = run_to_end(granian(free_port()), env, tmp_path)
+    assert status != 0
+    assert "needs REDIS_URL" in output
+
+
+# --- bodies and headers, however they are framed -------------------------------------------
+
+
+def raw_request(url, head, body=b""):
+    """Send bytes as they are, for what urllib would refuse to send; return the answer's head."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"\r\nHost: x\r\nConnection: close\r\n\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer
+
+
+def chunked(body, size=8192):
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@pytest.fixture(params=["python server.py", "granian"])
+def any_server(request, start_server, tmp_path):
+    if request.param == "python server.py":
+        yield start_server()
+        return
+    port = free_port()
+    env = user_env(**TEST_CONFIG, DEMO_USER_PASSWORD=DEMO["password"])
+    with serve(granian(port, workers=1), env, tmp_path, port, tmp_path) as (url, _):
+        yield url
+
+
+def test_a_body_over_64_kib_is_413_however_it_is_framed(any_server):
+    login = json.dumps(DEMO).encode()
+    padded = login + b" " * 70_000 + b"junk"
+    head = b"POST /login HTTP/1.1\r\nContent-Type: application/json"
+    as_chunks = raw_request(any_server, head + b"\r\nTransfer-Encoding: chunked", chunked(padded))
+    assert as_chunks.split(b"\r\n", 1)[0].split()[1] == b"413"
+    with_length = raw_request(any_server, head + b"\r\nContent-Length: %d" % len(padded), padded)
+    assert with_length.split(b"\r\n", 1)[0].split()[1] == b"413"
+    small = raw_request(any_server, head + b"\r\nTransfer-Encoding: chunked", chunked(login, 7))
+    assert small.split(b"\r\n", 1)[0].split()[1] == b"200"  # chunked itself is fine
+
+
+def test_no_answer_names_a_version(any_server):
+    # OWASP HTTP Headers Cheat Sheet: a version in Server only helps pick an exploit.
+    for path in ("/", "/healthz", "/nowhere"):
+        server = urllib_headers(any_server + path).get("Server", "")
+        assert not re.search(r"\d|werkzeug|python", server, re.I), server
+
+
+def urllib_headers(url):
+    try:
+        with urllib.request.urlopen(url) as response:
+            return response.headers
+    except urllib.error.HTTPError as error:
+        return error.headers
+
+
+def test_every_answer_says_nosniff_and_personal_ones_no_store(client):
+    # OWASP HTTP Headers Cheat Sheet (nosniff); RFC 6749 §5.1 and RFC 9111 (no-store).
+    tokens = client.post("/login", json=DEMO).json
+    bearer = {"Authorization": f"Bearer {tokens['accessToken']}"}
+    personal = [
+        client.post("/login", json=DEMO),
+        client.post("/login", json=WRONG),
+        client.post("/token", json={"refreshToken": tokens["refreshToken"]}),
+        client.get("/me", headers=bearer),
+        client.get("/sessions", headers=bearer),
+        client.get("/me"),
+    ]
+    others = [
+        client.get("/"),
+        client.get("/static/app.js"),
+        client.get("/openapi.json"),
+        client.get("/.well-known/jwks.json"),
+        client.get("/healthz"),
+        client.get("/favicon.ico"),
+        client.get("/nowhere"),
+        client.delete("/login"),
+        client.post("/login", data="x", content_type="text/plain"),
+    ]
+    for response in personal + others:
+        assert response.headers["X-Content-Type-Options"] == "nosniff", response.request.path
+    for response in personal:
+        assert response.headers["Cache-Control"] == "no-store", response.request.path

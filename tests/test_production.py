@@ -1,41 +1,22 @@
 """The production server (granian) with several workers, sharing one Redis, as deployed."""
 
-import contextlib
 import json
-import os
-import shutil
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import redis
 
 from .conftest import (
-    ACCESS_SECRET,
     DEMO,
-    REFRESH_SECRET,
+    SECRETS,
+    WITH_DEMO,
     free_port,
+    granian,
     run_to_end,
     serve,
-    start,
     user_env,
 )
 from .test_server import call, refresh_body
-
-GRANIAN = str(Path(sys.executable).parent / "granian")
-SECRETS = {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": REFRESH_SECRET}
-# Under a production server the demo account exists only when its password is set.
-WITH_DEMO = SECRETS | {"DEMO_USER_PASSWORD": DEMO["password"]}
-
-
-def granian(port, workers=2):
-    """The README's production command, on a free port."""
-    return [
-        GRANIAN, "--interface", "wsgi", "--factory", "--workers", str(workers),
-        "--blocking-threads", "2", "--host", "127.0.0.1", "--port", str(port), "server:create_app",
-    ]  # fmt: skip
 
 
 def audit_pids(log_path, event):
@@ -45,19 +26,6 @@ def audit_pids(log_path, event):
         if '"audit"' in line
     ]
     return {record["pid"] for record in records if record["audit"] == event}
-
-
-@pytest.fixture
-def start_cluster(redis_url, redis_client, tmp_path):
-    """Start two granian workers sharing the test Redis, with the given settings."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**settings):
-            port = free_port()
-            env = user_env(**WITH_DEMO, REDIS_URL=redis_url, **settings)
-            return stack.enter_context(serve(granian(port), env, tmp_path, port, tmp_path))
-
-        yield start
 
 
 @pytest.fixture
@@ -123,52 +91,6 @@ def test_granian_refuses_to_start_without_secrets(tmp_path):
 
 
 # --- Redis failing and coming back ---------------------------------------------------------
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own, to stop and start again."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs redis-server on PATH")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    command = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-
-        def start(self):
-            self.process = start(command, None, tmp_path)
-            with redis.Redis(port=port) as client:
-                for _ in range(100):
-                    try:
-                        client.ping()
-                        return
-                    except redis.ConnectionError:
-                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
-            raise RuntimeError("redis-server did not start")
-
-        def stop(self):
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    server = Server()
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
 
 
 def assert_unavailable(status, headers, body):
