@@ -108,6 +108,9 @@ def refresh() -> Response:
         )
     if session is None:
         raise invalid_refresh_token("This refresh token's session has ended.")
+    if current_app.extensions["users"].get(session.user) is None:
+        current_app.extensions["store"].end(sid, session.user, now)  # the account was removed
+        raise invalid_refresh_token("This refresh token's account no longer exists.")
     # RFC 9700 §4.14.2 allows a grace period: the token just spent, retried within
     # REFRESH_REUSE_GRACE seconds (two tabs, a lost answer), gets the same current token.
     audit("refresh_replayed" if outcome is Rotation.REPLAYED else "refreshed",

@@ -425,6 +425,46 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path, monkeypatch):
     assert (app.config["ACCESS_TOKEN_TTL"], app.config["REFRESH_TOKEN_TTL"]) == (60, 240)
 
 
+# A developer's .env, as .env.example invites: it must change nothing the suite tests.
+HOSTILE_DOTENV = """APP_ENV=production
+ACCESS_TOKEN_TTL=1
+DEMO_USER_PASSWORD=not-the-demo-password
+LOGIN_RATE_LIMIT=1 per day
+REDIS_URL=redis://127.0.0.1:1/0
+"""
+
+
+@pytest.fixture
+def developers_dotenv():
+    """A .env in the repository, as a developer leaves one: theirs, or a hostile one."""
+    path = ROOT / ".env"
+    if path.exists():
+        yield path
+        return
+    path.write_text(HOSTILE_DOTENV)
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
+def test_the_suite_ignores_a_developers_dotenv(developers_dotenv, live_server, app):
+    # In-process apps read test_config alone; servers run in a folder of their own.
+    assert app.test_client().post("/login", json=DEMO).json["expiresIn"] == 900
+    status, _, tokens = call(live_server, "POST", "/login", DEMO)
+    assert (status, tokens["expiresIn"]) == (200, 900)
+
+
+def test_start_up_warns_once_and_says_where_to_open(tmp_path):
+    port = free_port()
+    command = [sys.executable, str(ROOT / "server.py")]
+    with serve(command, user_env(PORT=str(port)), tmp_path, port, tmp_path) as (url, log_path):
+        call(url, "GET", "/healthz")
+    log = log_path.read_text()
+    assert log.count("random secrets") == 1
+    assert f"Open http://127.0.0.1:{port}/ " in log
+
+
 # --- the real process ----------------------------------------------------------------------
 
 
