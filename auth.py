@@ -91,7 +91,7 @@ class Tokens:
         header = unverified_header(token)
         typ = header.get("typ")
         if typ != kind:
-            if typ in KIND_NAMES:  # ours, of the other kind: say which to send
+            if isinstance(typ, str) and typ in KIND_NAMES:  # ours, of the other kind
                 raise InvalidToken(f"This is {KIND_NAMES[typ]}; send {KIND_NAMES[kind]}.")
             raise InvalidToken(f"This is not {KIND_NAMES[kind]}.")
         if KEY_POINTER_HEADERS & header.keys():

@@ -7,6 +7,7 @@ The in-process run goes wide; the run against `python server.py` sends raw bytes
 HTTP library would send.
 """
 
+import base64
 import json
 import socket
 
@@ -47,6 +48,18 @@ CONTENT_TYPES = ["application/json"] * 8 + ["text/plain", "application/x-www-for
 FIELDS = ["email", "password", "refreshToken", "refreshTokenTransport", "scope"]
 
 
+def b64(value):
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+
+# Tokens whose header and payload are any JSON at all: the shapes a forger controls.
+FORGED = st.tuples(
+    JSON_VALUES
+    | st.dictionaries(st.sampled_from(["typ", "kid", "alg", "crit", "b64"]), JSON_VALUES),  # noqa: E501
+    JSON_VALUES,
+).map(lambda parts: f"{b64(parts[0])}.{b64(parts[1])}.c2ln")
+
+
 def surrogate_text(text):
     """JSON that escapes a lone surrogate: valid JSON, but not valid text."""
     return json.dumps({"email": text + "\ud800", "password": text}).encode()
@@ -54,7 +67,9 @@ def surrogate_text(text):
 
 def bodies(tokens):
     """Strategies for request bodies, some carrying real tokens so the routes go deeper."""
-    field_values = JSON_VALUES | st.sampled_from([*tokens, "cookie", "body", "global", "others"])
+    field_values = (
+        JSON_VALUES | FORGED | st.sampled_from([*tokens, "cookie", "body", "global", "others"])
+    )
     objects = st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=5)
     cookie_transport = st.sampled_from(["local", "others", "global", None]).map(
         lambda scope: json.dumps({"refreshTokenTransport": "cookie", "scope": scope}).encode()
@@ -149,6 +164,33 @@ def test_any_value_in_authorization_and_user_agent(fuzzed_app, route, authorizat
     headers = {"Authorization": f"Bearer {authorization}", "User-Agent": user_agent}
     with app.test_client().open(route[1], method=route[0], headers=headers) as response:
         assert_answer_is_sound(response.status_code, response.mimetype, response.get_data())
+
+
+FORGED_AT = {
+    "GET /me": lambda client, token: client.get(
+        "/me", headers={"Authorization": f"Bearer {token}"}
+    ),  # noqa: E501
+    "GET /sessions": lambda client, token: client.get(
+        "/sessions", headers={"Authorization": f"Bearer {token}"}
+    ),  # noqa: E501
+    "POST /token": lambda client, token: client.post("/token", json={"refreshToken": token}),
+    "POST /logout": lambda client, token: client.post(
+        "/logout", json={"refreshToken": token, "scope": "global"}
+    ),  # noqa: E501
+    "POST /introspect": lambda client, token: client.post(
+        "/introspect", data={"token": token}, auth=("fuzz", "fuzz-client-secret-0123456789")
+    ),
+}
+
+
+@pytest.mark.parametrize("where", FORGED_AT)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(token=FORGED)
+def test_any_forged_token_is_refused_never_a_500(fuzzed_app, where, token):
+    app, _ = fuzzed_app
+    with FORGED_AT[where](app.test_client(), token) as response:
+        assert_answer_is_sound(response.status_code, response.mimetype, response.get_data())
+        assert response.status_code in (204, 400, 401, 403) or response.json == {"active": False}
 
 
 RAW_HEADER_BYTES = st.binary(max_size=60).map(
