@@ -1,120 +1,222 @@
 #!/usr/bin/env bash
 # A guided tour of the service with curl. Start the server first (python server.py), then:
 #   scripts/walkthrough.sh [BASE_URL]        (default http://127.0.0.1:3000)
-# Each step says what it does and why, shows the curl command, and prints the answer, with
-# tokens shortened and their header and claims decoded. It exits non-zero if an answer is not
-# the one the service promises.
+# Each step says what it does and why, and prints each command it runs exactly as it runs it:
+# pasted in order into bash, they do the same. Answers are printed with every token shortened,
+# never whole, and tokens' headers and claims decoded. It exits non-zero if any answer is not
+# the one the service promises. It needs curl and python3.
+# The commands are built and printed with their $VARIABLES unexpanded, in single quotes:
+# shellcheck disable=SC2016
 set -euo pipefail
 
 BASE="${1:-http://127.0.0.1:3000}"
 EMAIL="${DEMO_USER_EMAIL:-demo@example.com}"
-PASSWORD="${DEMO_USER_PASSWORD:-demo-password}"
-ANSWER=$(mktemp)
-HEADERS=$(mktemp)
-trap 'rm -f "$ANSWER" "$HEADERS"' EXIT
+PASSWORD="${DEMO_USER_PASSWORD:-demo-password}"  # the demo account's, printed on purpose
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# The printed commands are what a user types. This script learns each answer's status and
+# headers from a curl configuration of its own, which those commands do not need.
+export CURL_HOME=$WORK
+printf 'dump-header = "%s/headers"\n' "$WORK" >"$WORK/.curlrc"
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
 
-step() {  # step TITLE WHY...
-  printf '\n\033[1m== %s\033[0m\n' "$1"
+step() {  # step TITLE WHY...: a heading, and what the step shows
+  printf '\n%s== %s%s\n' "$BOLD" "$1" "$PLAIN"
   shift
   printf '   %s\n' "$@"
 }
 
-# call EXPECTED_STATUS SHOWN_COMMAND -- CURL_ARGS...: show the command, run it, print the answer.
-call() {
-  local expected=$1 shown=$2
-  shift 3
-  printf '\n$ %s\n' "$shown"
-  STATUS=$(curl -sS -D "$HEADERS" -o "$ANSWER" -w '%{http_code}' "$@")
-  printf 'HTTP %s\n' "$STATUS"
-  grep -iE '^(www-authenticate|cache-control|retry-after):' "$HEADERS" || true
-  shorten <"$ANSWER"
-  if [ "$STATUS" != "$expected" ]; then
-    printf '\nExpected HTTP %s, got %s: the service does not behave as this tour says.\n' \
-      "$expected" "$STATUS" >&2
-    exit 1
+fail() {
+  printf '\n%s: the service does not behave as this tour says.\n' "$1" >&2
+  exit 1
+}
+
+run() {  # run COMMAND: print a command, run exactly it, and stop the tour if it fails
+  printf '$ %s\n' "$1"
+  eval "$1" || fail "This command failed"
+}
+
+# request STATUS COMMAND [ERROR]: print a curl command and run exactly it; print its status,
+# its notable headers and its answer; stop the tour unless they are STATUS (and ERROR).
+request() {
+  local expected=$1 command=$2 error=${3:-} status
+  rm -f "$WORK/headers"
+  printf '\n$ %s\n' "$command"
+  eval "$command" >"$WORK/body" || fail "curl could not reach $BASE"
+  if [[ $command =~ ^([A-Z]+)=\$\( ]]; then  # NAME=$(curl ...) keeps the answer in NAME
+    printf '%s' "${!BASH_REMATCH[1]}" >"$WORK/body"
+  fi
+  status=$(grep -E '^HTTP/' "$WORK/headers" | tail -n 1 | cut -d ' ' -f 2)
+  printf 'HTTP %s\n' "$status"
+  grep -iE '^(www-authenticate|retry-after):' "$WORK/headers" | tr -d '\r' || true
+  show <"$WORK/body"
+  [ "$status" = "$expected" ] || fail "Expected HTTP $expected, got $status"
+  if [ -n "$error" ]; then
+    [ "$(json error <"$WORK/body")" = "$error" ] || fail "Expected the error $error"
   fi
 }
 
-shorten() {  # print JSON with every JWT cut to its first characters: never a whole token
+show() {  # print a JSON answer indented, with every JWT cut short: never a whole token
   python3 -c '
 import json, re, sys
 text = sys.stdin.read()
-print(re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]*", lambda m: m.group()[:16] + "...", text) or "(no body)")'
+if text:
+    text = json.dumps(json.loads(text), indent=2)
+print(re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", lambda m: m[0][:10] + "..." + m[0][-6:], text)
+      or "(no body)")'
 }
 
-field() {  # field NAME: a field of the last answer
-  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$ANSWER" "$1"
+expect() {  # expect WHAT PYTHON_CONDITION: check the last answer (as `answer`), say what held
+  python3 -c "import json, sys; answer = json.load(sys.stdin); sys.exit(not ($2))" \
+    <"$WORK/body" || fail "Expected $1"
+  printf '   -> %s\n' "$1"
 }
 
-decode() {  # decode LABEL TOKEN: print a JWT's header and claims (base64url, no key needed)
-  python3 - "$1" "$2" <<'PY'
-import base64, json, sys, time
-label, token = sys.argv[1], sys.argv[2]
-def part(segment):
+# decode LABEL TOKEN [EARLIER]: print a JWT's header and claims (base64url: no key needed);
+# with EARLIER, the token it replaced, check that it keeps that token's session and expiry.
+decode() {
+  python3 - "$@" <<'PY'
+import base64, json, sys
+label, token, earlier = (sys.argv[1:] + [""])[:3]
+def claims_of(token, index=1):
+    segment = token.split(".")[index]
     return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-header, claims = (part(segment) for segment in token.split(".")[:2])
-print(f"   {label} header: {json.dumps(header)}")
+def human(seconds):
+    units = [("day", 86400), ("h", 3600), ("min", 60), ("s", 1)]
+    parts = []
+    for name, size in units:
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}s" if name == "day" and count > 1 else f"{count} {name}")
+    return " ".join(parts)
+claims = claims_of(token)
+print(f"   {label} header: {json.dumps(claims_of(token, 0))}")
 print(f"   {label} claims: {json.dumps(claims)}")
-left = claims["exp"] - int(time.time())
-print(f"   exp is in {left} s ({left // 60} min); jti {claims['jti']!r} names this one token")
+if not earlier:
+    print(f"   it lives {human(claims['exp'] - claims['iat'])} (exp - iat), in session {claims['sid']}")
+elif claims["exp"] == claims_of(earlier)["exp"] and claims["sid"] == claims_of(earlier)["sid"]:
+    print("   the same sid and exp as before: rotation never makes a session longer")
+else:
+    sys.exit(1)
 PY
 }
 
-log_in() {  # POST /login with the demo account; sets ACCESS and REFRESH
-  call 200 "curl -s -X POST $BASE/login -H 'Content-Type: application/json' -d '{\"email\": \"$EMAIL\", \"password\": \"...\"}'" -- \
-    -X POST "$BASE/login" -H 'Content-Type: application/json' \
-    -d "{\"email\": \"$EMAIL\", \"password\": \"$PASSWORD\"}"
-  ACCESS=$(field accessToken)
-  REFRESH=$(field refreshToken)
+quote() {  # quote TEXT: TEXT in single quotes, as a shell reads it back
+  printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
-post_token() {  # post_token EXPECTED_STATUS NAME: POST /token with the refresh token in $NAME
-  local name=$2
-  call "$1" "curl -s -X POST $BASE/token -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$$name\\\"}\"" -- \
-    -X POST "$BASE/token" -H 'Content-Type: application/json' -d "{\"refreshToken\": \"${!name}\"}"
+CREDENTIALS=$(quote "$(python3 -c 'import json, sys
+print(json.dumps({"email": sys.argv[1], "password": sys.argv[2]}))' "$EMAIL" "$PASSWORD")")
+JSON_BODY="-H 'Content-Type: application/json'"
+
+log_in() {  # log_in [CURL_OPTIONS]: the command that logs in with the demo account
+  printf 'ANSWER=$(curl -s -X POST %s/login%s %s -d %s)' \
+    "$BASE" "${1:+ $1}" "$JSON_BODY" "$CREDENTIALS"
 }
+
+post_token() {  # post_token NAME: the command that sends the refresh token in $NAME to /token
+  printf 'ANSWER=$(curl -s -X POST %s/token %s -d "{\\"refreshToken\\": \\"$%s\\"}")' \
+    "$BASE" "$JSON_BODY" "$1"
+}
+
+post_logout() {  # post_logout NAME [SCOPE]: the command that logs out with the token in $NAME
+  local scope=""
+  [ -z "${2:-}" ] || scope=", \\\"scope\\\": \\\"$2\\\""
+  printf 'curl -s -X POST %s/logout %s -d "{\\"refreshToken\\": \\"$%s\\"%s}"' \
+    "$BASE" "$JSON_BODY" "$1" "$scope"
+}
+
+get() {  # get PATH NAME: the command that GETs PATH with the access token in $NAME
+  printf 'curl -s %s%s -H "Authorization: Bearer $%s"' "$BASE" "$1" "$2"
+}
+
+keep_tokens() {  # keep both tokens of the last answer in ACCESS and REFRESH
+  run 'ACCESS=$(echo "$ANSWER" | json accessToken)'
+  run 'REFRESH=$(echo "$ANSWER" | json refreshToken)'
+}
+
+if ! curl -s -o /dev/null "$BASE/healthz"; then
+  printf 'No service answers at %s: start it first (python server.py).\n' "$BASE" >&2
+  exit 1
+fi
+
+step "0. A helper" \
+  "The answers are JSON; this prints one field of the JSON it reads, so the commands below" \
+  "can keep tokens in shell variables."
+run "json() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' \"\$1\"; }"
 
 step "1. Log in" \
-  "POST /login checks the password and starts a session: a short-lived access token" \
-  "and a long-lived refresh token."
-log_in
+  "POST /login checks the password and starts a session: a short-lived access token and a" \
+  "long-lived refresh token. Both name the session (sid) and the key that signed them (kid)."
+request 200 "$(log_in)"
+keep_tokens
 decode "access token" "$ACCESS"
 decode "refresh token" "$REFRESH"
 
 step "2. Use the access token" \
   "GET /me is a protected route: the access token goes in the Authorization header."
-call 200 "curl -s $BASE/me -H \"Authorization: Bearer \$ACCESS\"" -- \
-  "$BASE/me" -H "Authorization: Bearer $ACCESS"
+request 200 "$(get /me ACCESS)"
 
 step "3. Without a token" \
   "No token, no entry: 401 with a WWW-Authenticate challenge (RFC 6750 §3)."
-call 401 "curl -s $BASE/me" -- "$BASE/me"
+request 401 "curl -s $BASE/me" missing_token
 
 step "4. Refresh" \
   "When the access token runs out, POST /token trades the refresh token for a new pair." \
   "The refresh token is spent by this: the answer carries its replacement (rotation)."
-post_token 200 REFRESH
-SPENT=$REFRESH
-REFRESH=$(field refreshToken)
-decode "new refresh token" "$REFRESH"
+run 'SPENT=$REFRESH'
+request 200 "$(post_token SPENT)"
+keep_tokens
+decode "new refresh token" "$REFRESH" "$SPENT" || fail "Rotation should keep the sid and exp"
 
-step "5. Show the spent refresh token again" \
-  "A spent token coming back means someone copied it. The service cannot tell the thief" \
-  "from the user, so it ends the whole session (RFC 9700 §4.14.2): 403."
-post_token 403 SPENT
+step "5. Retry that refresh" \
+  "A client whose answer got lost, or a second tab, sends the spent token again. Within" \
+  "REFRESH_REUSE_GRACE seconds (10 by default) of its refresh that is no theft: the answer" \
+  "carries the same current refresh token, byte for byte, and a new access token."
+request 200 "$(post_token SPENT)"
+run '[ "$(echo "$ANSWER" | json refreshToken)" = "$REFRESH" ] && echo "the same refresh token"'
 
-step "6. ...and the new one died with its session" \
-  "The replacement from step 4 belonged to the same session, so it is refused too."
-post_token 403 REFRESH
+step "6. Refresh again, then show the first refresh token once more" \
+  "Now the login's refresh token is two rotations old, past any grace. Shown again, it means" \
+  "two parties hold it; the service cannot tell the thief from the user, so it ends the" \
+  "whole session (RFC 9700 §4.14.2): 403."
+request 200 "$(post_token REFRESH)"
+keep_tokens
+request 403 "$(post_token SPENT)" invalid_refresh_token
 
-step "7. Log in again, then log out" \
-  "POST /logout ends the session of the refresh token; with the access token in the" \
-  "Authorization header, that access token stops working at once as well."
-log_in
-call 204 "curl -s -X POST $BASE/logout -H \"Authorization: Bearer \$ACCESS\" -H 'Content-Type: application/json' -d \"{\\\"refreshToken\\\": \\\"\$REFRESH\\\"}\"" -- \
-  -X POST "$BASE/logout" -H "Authorization: Bearer $ACCESS" -H 'Content-Type: application/json' \
-  -d "{\"refreshToken\": \"$REFRESH\"}"
-call 401 "curl -s $BASE/me -H \"Authorization: Bearer \$ACCESS\"" -- \
-  "$BASE/me" -H "Authorization: Bearer $ACCESS"
+step "7. Every token of that session died with it" \
+  "The newest refresh token is refused, and so is the access token: an access token works" \
+  "only while its session lives."
+request 403 "$(post_token REFRESH)" invalid_refresh_token
+request 401 "$(get /me ACCESS)" invalid_token
 
-printf '\nThe tour is over: every answer was the one the service promises.\n'
+step "8. Two devices, and the list of sessions" \
+  "Log in as a phone, then as a laptop (-A sets the User-Agent the list shows). GET /sessions" \
+  "lists the user's live sessions, most recently used first; current marks this one."
+request 200 "$(log_in "-A 'phone'")"
+run 'PHONE=$(echo "$ANSWER" | json accessToken)'
+request 200 "$(log_in "-A 'laptop'")"
+keep_tokens
+request 200 "$(get /sessions ACCESS)"
+expect "two sessions, the laptop's marked current; the session of step 1 is gone" \
+  'sorted((s["userAgent"], s["current"]) for s in answer["sessions"])
+   == [("laptop", True), ("phone", False)]'
+
+step "9. Log out everywhere else" \
+  "POST /logout with \"scope\": \"others\" ends every other session of the user; this one stays." \
+  "(\"local\", the default, ends this session; \"global\" ends them all.)"
+request 204 "$(post_logout REFRESH others)"
+request 401 "$(get /me PHONE)" invalid_token
+request 200 "$(get /sessions ACCESS)"
+expect "one session left, this one" \
+  '[(s["userAgent"], s["current"]) for s in answer["sessions"]] == [("laptop", True)]'
+
+step "10. Log out" \
+  "POST /logout ends this session; its access token stops working at once."
+request 204 "$(post_logout REFRESH)"
+request 401 "$(get /me ACCESS)" invalid_token
+
+printf '\nThe tour is over. It showed a login, the access token at /me, a refresh and its\n'
+printf 'rotation, a retried refresh getting the same token, reuse detection ending a session\n'
+printf 'with all its tokens, the list of sessions, and logging out the others, then this one.\n'
+printf 'Every answer was the one the service promises.\n'
