@@ -98,16 +98,32 @@ def wait_for_port(port, process, timeout=15.0):
 
 
 @pytest.fixture(scope="session")
-def redis_url():
-    """A real Redis server: TEST_REDIS_URL, or a local default. Skipped if absent, except in CI."""
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+def redis_url(tmp_path_factory):
+    """A real Redis server: TEST_REDIS_URL, or one of the suite's own if redis-server is here.
+
+    Skipped when there is neither, except in CI, which must test both stores.
+    """
+    url = os.environ.get("TEST_REDIS_URL")
+    if url is None and shutil.which("redis-server"):
+        port = free_port()
+        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        process = start(command, None, tmp_path_factory.mktemp("redis"))
+        try:
+            wait_for_port(port, process)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_group(process)
+        return
+    url = url or "redis://127.0.0.1:6379/15"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()
     except redis.RedisError as error:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI needs a Redis server at {url}: {error}")
-        pytest.skip(f"no Redis server at {url} ({error}); start one or set TEST_REDIS_URL")
-    return url
+        pytest.skip(
+            f"no Redis server at {url} ({error}); install redis-server or set TEST_REDIS_URL"
+        )  # noqa: E501
+    yield url
 
 
 @pytest.fixture
