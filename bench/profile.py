@@ -3,6 +3,10 @@
     python bench/profile.py                 # microseconds per call of /token and /me
     python bench/profile.py --pyinstrument  # and the call tree of each (pip install pyinstrument)
 
+Besides /token and /me with HS256 access tokens, it measures /me with EdDSA (Ed25519) access
+tokens, the second service's offline check of one (examples/resource_server.py, verifying
+against our JWKS), and one password check.
+
 Calls the WSGI app directly, so the numbers are the service's own Python work: what the
 production server adds on top is what bench/run.py measures.
 """
@@ -18,10 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples import resource_server  # noqa: E402
 from server import AUDIT_LOG, create_app  # noqa: E402
 
 CALLS = 5000
 LOGINS = 20
+CONFIG = {
+    "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
+    "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
+    "MAX_SESSIONS_PER_USER": "1000",
+}
 
 
 def environ(method: str, path: str, body: bytes = b"", token: str | None = None) -> dict:
@@ -75,17 +85,32 @@ def me_calls(app, calls: int):
         assert status.startswith("200"), answer
 
 
+def eddsa_calls(calls: int) -> tuple[float, float]:
+    """Microseconds per /me with an EdDSA access token, and per offline check of it elsewhere."""
+    app = create_app(CONFIG | {"ACCESS_TOKEN_ALGORITHM": "EdDSA"})
+    access, _ = app.extensions["tokens"].issue_access(demo_session(app), int(time.time()))
+    jwks = app.extensions["tokens"].access_keys.jwks()
+    other = resource_server.create_app(
+        {"ACCESS_TOKEN_ALGORITHM": "EdDSA", "AUTH_SERVER_URL": "http://127.0.0.1:3000"}
+    )
+    other.extensions["jwks"].fetch_data = lambda: jwks  # as if fetched once, then cached
+    timings = []
+    for target, path in ((app, "/me"), (other, "/posts")):
+        for _ in range(2):  # a warm-up pass, then the measured one
+            started = time.perf_counter()
+            for _ in range(calls):
+                status, answer = call(target, environ("GET", path, token=access))
+                assert status.startswith("200"), answer
+        timings.append((time.perf_counter() - started) / calls * 1e6)
+    return timings[0], timings[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pyinstrument", action="store_true")
     parser.add_argument("--calls", type=int, default=CALLS)
     args = parser.parse_args()
-    config = {
-        "ACCESS_TOKEN_SECRET": secrets.token_urlsafe(32),
-        "REFRESH_TOKEN_SECRET": secrets.token_urlsafe(32),
-        "MAX_SESSIONS_PER_USER": "1000",
-    }
-    app = create_app(config)
+    app = create_app(CONFIG)
     AUDIT_LOG.handlers[0].setStream(open(os.devnull, "w"))  # keep the audit cost, not the noise
     for name, calls in (("POST /token", token_calls), ("GET /me", me_calls)):
         calls(app, 200)  # warm up
@@ -99,6 +124,9 @@ def main() -> None:
             with Profiler(interval=0.0001) as profiler:
                 calls(app, args.calls)
             print(profiler.output_text(color=False, show_all=False))
+    eddsa_me, offline_check = eddsa_calls(args.calls)
+    print(f"GET /me, EdDSA access token: {eddsa_me:.0f} us per call of the WSGI app")
+    print(f"GET /posts of examples/resource_server.py, offline EdDSA check: {offline_check:.0f} us")
     users = app.extensions["users"]
     started = time.perf_counter()
     for _ in range(LOGINS):
