@@ -172,7 +172,7 @@ def _load_public_key(path: str) -> Ed25519PublicKey:
 
 def _read(path: str, setting: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return Path(path).expanduser().read_bytes()  # ~ too, as .env files do not expand it
     except OSError as error:
         raise ConfigError(f"{setting}: {path} cannot be read ({error.strerror}).") from None
 

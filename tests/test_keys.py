@@ -224,3 +224,12 @@ def test_generate_never_overwrites_a_key(tmp_path):
     assert f"{path}: refusing to overwrite a key file." in result.output
     assert path.read_bytes() == b"the key in use"
     assert not Path(f"{path}.pub").exists()
+
+
+def test_key_files_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    key = rfc8037_key()
+    write(tmp_path, "key.pem", private_pem(key))
+    write(tmp_path, "key.pem.pub", public_pem(key))
+    ring = eddsa_ring("~/key.pem", ["~/key.pem.pub"], LOG, allow_generated=False)
+    assert ring.signing.kid == RFC8037_THUMBPRINT
