@@ -137,7 +137,7 @@ def _clients(env: Mapping[str, str], name: str) -> dict[str, str]:
 
 
 def _integer(
-    env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None
+    env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None
 ) -> int:
     raw = env.get(name) or str(default)
     try:

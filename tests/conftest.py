@@ -137,9 +137,9 @@ def redis_client(redis_url):
 
 
 @contextlib.contextmanager
-def serve(command, env, cwd, port, log_dir):
-    """Run a server process until the block ends; yield its URL and its log file's path."""
-    log_path = Path(log_dir) / f"server-{port}.log"
+def serve(command, env, cwd, port):
+    """Run a server process in `cwd` until the block ends; yield its URL and its log's path."""
+    log_path = Path(cwd) / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = start(command, env, cwd, log)
         try:
@@ -207,7 +207,7 @@ def start_server(tmp_path):
             port = free_port()
             command = [sys.executable, str(ROOT / "server.py")]
             env = user_env(PORT=str(port), **settings)
-            url, _ = stack.enter_context(serve(command, env, tmp_path, port, tmp_path))
+            url, _ = stack.enter_context(serve(command, env, tmp_path, port))
             return url
 
         yield start
@@ -235,7 +235,7 @@ def start_cluster(redis_url, redis_client, tmp_path):
         def start(**settings):
             port = free_port()
             env = user_env(**WITH_DEMO, REDIS_URL=redis_url, **settings)
-            return stack.enter_context(serve(granian(port), env, tmp_path, port, tmp_path))
+            return stack.enter_context(serve(granian(port), env, tmp_path, port))
 
         yield start
 

@@ -450,7 +450,7 @@ def test_the_demo_password_never_works_under_a_production_server(tmp_path):
     # OWASP ASVS 2.1: no well-known credentials; APP_ENV left out does not change that.
     port = free_port()
     env = user_env(**TEST_CONFIG)
-    with serve(granian(port, workers=1), env, tmp_path, port, tmp_path) as (url, _):
+    with serve(granian(port, workers=1), env, tmp_path, port) as (url, _):
         assert call(url, "POST", "/login", DEMO)[0] == 401
 
 
@@ -488,7 +488,7 @@ def any_server(request, start_server, tmp_path):
         return
     port = free_port()
     env = user_env(**TEST_CONFIG, DEMO_USER_PASSWORD=DEMO["password"])
-    with serve(granian(port, workers=1), env, tmp_path, port, tmp_path) as (url, _):
+    with serve(granian(port, workers=1), env, tmp_path, port) as (url, _):
         yield url
 
 

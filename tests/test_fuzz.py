@@ -251,5 +251,5 @@ def live_server_module(tmp_path_factory):
         LOGIN_RATE_LIMIT="1000 per minute",
         LOGIN_ADDRESS_RATE_LIMIT="1000 per minute",
     )  # noqa: E501
-    with serve([sys.executable, str(ROOT / "server.py")], env, folder, port, folder) as (url, _):
+    with serve([sys.executable, str(ROOT / "server.py")], env, folder, port) as (url, _):
         yield url

@@ -458,7 +458,7 @@ def test_the_suite_ignores_a_developers_dotenv(developers_dotenv, live_server, a
 def test_start_up_warns_once_and_says_where_to_open(tmp_path):
     port = free_port()
     command = [sys.executable, str(ROOT / "server.py")]
-    with serve(command, user_env(PORT=str(port)), tmp_path, port, tmp_path) as (url, log_path):
+    with serve(command, user_env(PORT=str(port)), tmp_path, port) as (url, log_path):
         call(url, "GET", "/healthz")
     log = log_path.read_text()
     assert log.count("random secrets") == 1
@@ -468,7 +468,7 @@ def test_start_up_warns_once_and_says_where_to_open(tmp_path):
 # --- the real process ----------------------------------------------------------------------
 
 
-def call(base, method, path, body=None, token=None):
+def call(base, method, path, body=None, *, token=None):
     """Speak HTTP to a running server; return (status, headers, parsed JSON or None)."""
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if token:
@@ -512,7 +512,7 @@ def test_real_process_walkthrough(live_server):
 def test_flask_run_works_too(tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "flask", "--app", "server", "run", "--port", str(port)]
-    with serve(command, user_env(), tmp_path, port, tmp_path) as (url, _):
+    with serve(command, user_env(), tmp_path, port) as (url, _):
         assert call(url, "POST", "/login", DEMO)[0] == 200
 
 

@@ -8,7 +8,9 @@ import redis
 
 from store import REDIS_OPTIONS, MemoryStore, Policy, RedisStore, Rotation
 
-NOW = int(time.time())  # each test moves its own clock by passing `now`
+# Each test moves its own clock by passing `now`; a day ahead, so that deadlines passed to
+# Redis as EXPIREAT stay in its future however long the suite runs.
+NOW = int(time.time()) + 86_400
 POLICY = Policy(idle_ttl=3600, max_sessions=3, grace=10, lifetime=86_400)
 
 
@@ -29,7 +31,7 @@ def store(make_store):
     return make_store()
 
 
-def begin(store, user="alice", now=NOW, policy=POLICY, user_agent="curl/8", ip="10.0.0.1"):
+def begin(store, user="alice", *, now=NOW, policy=POLICY, user_agent="curl/8", ip="10.0.0.1"):
     session = policy.new_session(user, now, user_agent, ip)
     return session, store.start(session, now)
 
