@@ -21,6 +21,7 @@ import os
 import platform
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,19 @@ def main() -> None:
     started = time.monotonic()
     results = Results(args)
     print(f"bench: writing to {results.folder}", file=sys.stderr)
+    try:
+        measure_all(args, results)
+    except KeyboardInterrupt:
+        sys.exit(f"bench: interrupted; the rows measured so far are in {results.folder}")
+    results.set("elapsed_s", round(time.monotonic() - started))
+    print(report.markdown(results.data))
+    print(f"bench: {results.folder}, {results.data['elapsed_s']} s in all", file=sys.stderr)
+    if args.smoke and results.failed():
+        sys.exit(f"bench smoke: failed: {', '.join(results.failed())}")
+
+
+def measure_all(args: argparse.Namespace, results: "Results") -> None:
+    """Every row: for each N, ours, ours on Redis (smallest N only), then each peer."""
     peers = args.peer_cmd + (project_peers(results) if args.peers else [])
     redis_url = usable_redis(args.redis_url, results)
     ours = args.servers[0]
@@ -86,11 +100,6 @@ def main() -> None:
         results.measure("POST /login", partial(measure_login, args), key="login")
     memory = partial(measure_memory, args.sessions, redis_url)
     results.measure("memory per session", memory, key="memory")
-    results.set("elapsed_s", round(time.monotonic() - started))
-    print(report.markdown(results.data))
-    print(f"bench: {results.folder}, {results.data['elapsed_s']} s in all", file=sys.stderr)
-    if args.smoke and results.failed():
-        sys.exit(f"bench smoke: failed: {', '.join(results.failed())}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -189,7 +198,12 @@ def machine() -> dict:
     with open("/proc/cpuinfo") as cpuinfo:
         models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
     cpu = models[0] if models else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load": os.getloadavg()[0],  # other work on the machine skews every number
+    }
 
 
 @dataclass
@@ -213,6 +227,7 @@ def serving(launch: Launch) -> Iterator[str]:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # so Ctrl-C stops the run, and the run stops the server
         )
         try:
             deadline = time.monotonic() + launch.timeout
@@ -221,7 +236,7 @@ def serving(launch: Launch) -> Iterator[str]:
                     log.seek(0)
                     lines = log.read().decode(errors="replace").splitlines()
                     said = [line for line in lines if line.strip() and "[INFO]" not in line]
-                    raise RuntimeError(f"exited with {process.returncode}: {' / '.join(said[-2:])}")
+                    raise RuntimeError(f"exited with {process.returncode}. {' / '.join(said[-2:])}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"did not start in {launch.timeout:.0f} s")
                 time.sleep(0.1)
@@ -231,7 +246,7 @@ def serving(launch: Launch) -> Iterator[str]:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)  # the server and its workers
                 process.wait()
 
 
