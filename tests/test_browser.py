@@ -1,16 +1,24 @@
 """The demo page in a real headless Chromium, driven by Playwright, against `python server.py`.
 
-The page's clock is Playwright's to move (page.clock), so the silent refresh before expiry is
-reached by fast-forwarding time, not by waiting for it.
+The pages' clock is Playwright's to move (context.clock), so a silent refresh or a retry is
+reached by fast-forwarding time, not by waiting for it. Two pages of one browser context are
+two tabs (one cookie jar, one clock); two contexts are two devices.
 """
 
+import json
 import os
+import re
 import shutil
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
-from .conftest import ROOT
+from .conftest import DEMO, ROOT, free_port, start
+
+expect = pytest.importorskip("playwright.sync_api").expect
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The README's picture; refreshed when UPDATE_SCREENSHOT=1, else kept out of the work tree.
@@ -25,6 +33,13 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# Another device in the sessions panel: a User-Agent the page shortens to "Firefox on Windows".
+FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
+# True in a tab once it waits for the refresh lock another tab holds (Web Locks API).
+WAITING_FOR_THE_LOCK = (
+    "async () => { const locks = await navigator.locks.query();"
+    " return locks.held.length === 1 && locks.pending.length === 1; }"
+)
 
 
 @pytest.fixture
@@ -41,16 +56,59 @@ def browser():
 
 
 @pytest.fixture
-def short_lived_server(start_server):
+def server(start_server):
     """`python server.py` with 30-second access tokens, so a refresh comes due quickly."""
     return start_server(ACCESS_TOKEN_TTL="30")
 
 
-def test_log_in_refresh_silently_and_log_out(browser, short_lived_server, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
-    context = browser.new_context(viewport={"width": 1000, "height": 900})
+def new_context(browser, **options):
+    """A browser context (a device) whose clock, shared by its tabs, the test moves."""
+    context = browser.new_context(**options)
+    context.clock.install()
+    return context
+
+
+def open_tab(context, url):
     page = context.new_page()
-    page.clock.install()
+    page.goto(url + "/")
+    return page
+
+
+def press(page, button):
+    page.get_by_role("button", name=button, exact=True).click()
+
+
+def log_in(page):
+    press(page, "Log in")
+    expect(page.locator("#status")).to_have_text("Logged in.")
+    expect(page.locator("#me")).to_contain_text('"email": "demo@example.com"')
+
+
+def requests_of(page):
+    """The requests the page's log shows, oldest first: "GET /me → 401 invalid_token"."""
+    return page.locator("#log li.request span").all_inner_texts()
+
+
+def claims_of(page):
+    return json.loads(page.inner_text("#token-claims"))
+
+
+def session_cookies(context):
+    return [c for c in context.cookies() if c["name"] in ("refresh_token", "csrf_token")]
+
+
+def audit_events(url, tmp_path, event):
+    """Count an event in the audit log of the server at ``url`` (conftest's serve writes it)."""
+    [log] = tmp_path.glob(f"**/server-{urlsplit(url).port}.log")
+    lines = [line for line in log.read_text().splitlines() if '"audit"' in line]
+    return sum(json.loads(line[line.index("{") :])["audit"] == event for line in lines)
+
+
+def test_log_in_refresh_silently_and_log_out(browser, server, tmp_path):
+    elsewhere = browser.new_context(user_agent=FIREFOX)  # a second device, for the panel
+    assert elsewhere.request.post(server + "/login", data=DEMO).ok
+    context = new_context(browser, viewport={"width": 1000, "height": 900})
+    page = context.new_page()
     login_bodies = []
     page.on(
         "response",
@@ -58,41 +116,288 @@ def test_log_in_refresh_silently_and_log_out(browser, short_lived_server, tmp_pa
             login_bodies.append(response.json()) if response.url.endswith("/login") else None
         ),
     )
-    page.goto(short_lived_server + "/")
+    page.goto(server + "/")
+    expect(page.locator("#status")).to_have_text("Not logged in.")
 
-    page.click("text=Log in")
-    page.wait_for_selector("text=GET /me answered 200.")
-    assert '"email": "demo@example.com"' in page.inner_text("#me")
+    log_in(page)
     assert "refreshToken" not in login_bodies[0]  # the refresh token never reaches a script
     refresh_cookies = [c for c in context.cookies() if c["name"] == "refresh_token"]
     assert {c["path"] for c in refresh_cookies} == {"/token", "/logout"}
     assert all(c["httpOnly"] and c["sameSite"] == "Strict" for c in refresh_cookies)
-    first_claims = page.inner_text("#token-claims")
-    assert '"jti"' in first_claims and '"exp"' in first_claims
+    first_claims = claims_of(page)
+    assert {"jti", "exp", "sid"} <= first_claims.keys()
     assert '"typ": "at+jwt"' in page.inner_text("#token-header")
+    expect(page.locator("#countdown")).to_have_text(re.compile(r"^0:[23]\d$"))  # m:ss
+    expect(page.locator("#token-times")).to_contain_text("Issued at")
+    rows = page.locator("#sessions tr")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#sessions tr.current")).to_contain_text("This session")
+    expect(rows.filter(has_text="Firefox on Windows")).to_have_count(1)
 
     page.clock.fast_forward("00:25")  # past 4/5 of the 30-second life: the refresh is due
-    page.wait_for_selector("text=Refreshed silently.")
-    assert page.inner_text("#token-claims") != first_claims  # a new access token
-    page.click("text=Call GET /me")  # with the new access token
-    answers = page.locator("#log li", has_text="GET /me answered 200.")
-    playwright.expect(answers).to_have_count(2)
-    assert page.inner_text("#me").startswith("HTTP 200")
+    expect(page.locator("#status")).to_have_text("Logged in. Refreshed silently.")
+    assert claims_of(page)["jti"] != first_claims["jti"]  # a new access token...
+    assert claims_of(page)["sid"] == first_claims["sid"]  # ...of the same session
+    press(page, "Call GET /me")  # with the new access token
+    expect(page.locator("#me")).to_contain_text("HTTP 200")
+    assert requests_of(page)[-2:] == ["POST /token → 200", "GET /me → 200"]
 
     update = os.environ.get("UPDATE_SCREENSHOT") == "1"
     page.screenshot(path=str(SCREENSHOT if update else tmp_path / "page.png"), full_page=True)
 
-    page.click("text=Log out")
-    page.wait_for_selector("text=Logged out (HTTP 204)")
-    assert not [c for c in context.cookies() if c["name"] in ("refresh_token", "csrf_token")]
-    context.close()
+    press(page, "Log out")
+    expect(page.locator("#status")).to_have_text("Logged out.")  # the status line stays
+    expect(page.locator("#login")).to_be_visible()
+    assert not session_cookies(context)
 
 
-def test_the_page_carries_its_security_headers(browser, short_lived_server):
+def test_the_page_carries_its_security_headers(browser, server):
     page = browser.new_page()
-    response = page.goto(short_lived_server + "/")
+    response = page.goto(server + "/")
     csp = response.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "unsafe-inline" not in csp
     assert response.headers["x-content-type-options"] == "nosniff"
-    page.close()
+
+
+def test_the_page_has_its_own_icon_and_nothing_is_missing(browser, server):
+    page = browser.new_page()
+    failed = []
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+    page.goto(server + "/")
+    icon = page.request.get(server + page.get_attribute("link[rel=icon]", "href"))
+    assert icon.status == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert page.request.get(server + "/favicon.ico").status == 204  # for browsers that ask
+    assert failed == []
+
+
+def test_a_reload_keeps_the_session(browser, server, tmp_path):
+    page = open_tab(new_context(browser), server)
+    logins = []
+    page.on("request", lambda r: logins.append(r.url) if r.url.endswith("/login") else None)
+    log_in(page)
+    sid = claims_of(page)["sid"]
+
+    page.reload()
+    expect(page.locator("#status")).to_have_text("Logged in. Refreshed to restore the session.")
+    assert claims_of(page)["sid"] == sid
+    expect(page.locator("#sessions tr")).to_have_count(1)
+    assert len(logins) == 1
+    assert audit_events(server, tmp_path, "login_succeeded") == 1
+
+
+def test_two_tabs_refreshing_at_once_make_one_refresh(browser, server, tmp_path):
+    context = new_context(browser)
+    tabs = [open_tab(context, server)]
+    log_in(tabs[0])
+    tabs.append(open_tab(context, server))  # restores the session, and hands tab 0 its token
+    expect(tabs[1].locator("#status")).to_have_text("Logged in. Refreshed to restore the session.")
+    expect(tabs[0].locator("#token-claims")).to_have_text(tabs[1].inner_text("#token-claims"))
+    refreshes = []
+    context.on("request", lambda r: refreshes.append(r) if r.url.endswith("/token") else None)
+
+    def hold_until_the_other_tab_waits(route):
+        tabs[0].wait_for_function(WAITING_FOR_THE_LOCK)
+        route.continue_()
+
+    context.route("**/token", hold_until_the_other_tab_waits, times=1)
+    context.clock.fast_forward("00:25")  # both tabs' silent refreshes come due at once
+
+    done = re.compile("Refreshed silently: .*|Another tab refreshed while this one waited: .*")
+    for tab in tabs:
+        expect(tab.locator("#log li span").last).to_have_text(done)
+    last_lines = sorted(tab.locator("#log li span").last.inner_text() for tab in tabs)
+    assert [line.split(":")[0] for line in last_lines] == [
+        "Another tab refreshed while this one waited",  # and used the token the other got
+        "Refreshed silently",
+    ]
+    assert len(refreshes) == 1
+    assert claims_of(tabs[1]) == claims_of(tabs[0])  # one new access token, shared
+    for tab in tabs:
+        press(tab, "Call GET /me")
+        expect(tab.locator("#me")).to_contain_text("HTTP 200")
+    assert audit_events(server, tmp_path, "session_ended") == 0
+
+
+def test_logging_out_in_one_tab_logs_out_the_other(browser, server):
+    context = new_context(browser)
+    first = open_tab(context, server)
+    log_in(first)
+    second = open_tab(context, server)
+    expect(second.locator("#status")).to_have_text("Logged in. Refreshed to restore the session.")
+
+    press(first, "Log out")
+    expect(first.locator("#status")).to_have_text("Logged out.")
+    expect(second.locator("#status")).to_have_text("Logged out in another tab.")
+    expect(second.locator("#login")).to_be_visible()
+
+    log_in(second)  # and a login reaches the other tab the same way
+    expect(first.locator("#status")).to_have_text("Logged in, in another tab.")
+    expect(first.locator("#session")).to_be_visible()
+
+
+def test_let_it_expire_then_a_call_gets_401_refreshes_and_retries(browser, server):
+    page = open_tab(new_context(browser), server)
+    log_in(page)
+    sid = claims_of(page)["sid"]
+
+    press(page, "Let it expire")
+    expect(page.locator("#countdown")).to_have_text("0:00")
+    already = len(requests_of(page))
+    press(page, "Call GET /me")
+    expect(page.locator("#me")).to_contain_text("HTTP 200")
+    assert requests_of(page)[already:] == [
+        "GET /me → 401 invalid_token",
+        "POST /token → 200",
+        "GET /me → 200",
+    ]
+    expect(page.locator("#status")).to_have_text("Logged in. Refreshed after a 401.")
+    assert claims_of(page)["sid"] == sid
+
+
+def test_a_second_401_ends_the_session_view(browser, server):
+    context = new_context(browser)
+    page = open_tab(context, server)
+    log_in(page)
+    refused = {"error": "invalid_token", "message": "The access token is not valid."}
+    context.route("**/me", lambda route: route.fulfill(status=401, json=refused))
+
+    press(page, "Call GET /me")
+    expect(page.locator("#status")).to_have_text(
+        "The service refused a fresh access token too. Log in again."
+    )
+    assert requests_of(page)[-3:] == [
+        "GET /me → 401 invalid_token",
+        "POST /token → 200",
+        "GET /me → 401 invalid_token",
+    ]
+    expect(page.locator("#login")).to_be_visible()
+
+
+def test_no_answer_is_try_again_with_growing_waits(browser, server):
+    context = new_context(browser)
+    page = open_tab(context, server)
+    log_in(page)
+    context.route("**/token", lambda route: route.abort())  # the network fails
+
+    press(page, "Refresh now")
+    expect(page.locator("#status")).to_have_text(
+        "The service is unavailable (it did not answer)."
+        " You are still logged in; this page tries again in 2 s."
+    )
+    page.clock.fast_forward("00:02")
+    expect(page.locator("#status")).to_contain_text("this page tries again in 4 s.")
+    assert requests_of(page)[-2:] == ["POST /token → no answer"] * 2
+    expect(page.locator("#session")).to_be_visible()
+    assert len(session_cookies(context)) == 3
+
+    context.unroute("**/token")
+    page.clock.fast_forward("00:04")
+    expect(page.locator("#status")).to_have_text("Logged in. Refreshed on request.")
+
+
+@pytest.fixture
+def persistent_redis(tmp_path):
+    """A redis-server to stop and start again, whose data survives the restart.
+
+    Unlike conftest's own_redis, it keeps an append-only file, as a production Redis would, so
+    the session is still there when Redis comes back.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs redis-server on PATH")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    command = [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+        "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+    ]  # fmt: skip
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def start(self):
+            self.process = start(command, None, tmp_path)
+            with redis.Redis(port=port) as client:
+                for _ in range(100):
+                    try:
+                        client.ping()
+                        return
+                    except (redis.ConnectionError, redis.BusyLoadingError):
+                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
+            raise RuntimeError("redis-server did not start")
+
+        def stop(self):
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    server = Server()
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+def test_redis_down_is_try_again_and_the_session_survives(browser, start_server, persistent_redis):
+    url = start_server(ACCESS_TOKEN_TTL="30", REDIS_URL=persistent_redis.url)
+    context = new_context(browser)
+    page = open_tab(context, url)
+    log_in(page)
+    sid = claims_of(page)["sid"]
+
+    persistent_redis.stop()
+    press(page, "Call GET /me")
+    expect(page.locator("#me")).to_contain_text("HTTP 503")
+    expect(page.locator("#status")).to_have_text(
+        "The service is unavailable (it answered 503)."
+        " You are still logged in: try again in a moment."
+    )
+    page.clock.fast_forward("00:25")  # the silent refresh comes due during the outage
+    expect(page.locator("#status")).to_contain_text("this page tries again in 5 s.")
+    assert requests_of(page)[-1] == "POST /token → 503 store_unavailable"
+    expect(page.locator("#session")).to_be_visible()
+    assert len(session_cookies(context)) == 3  # refresh cookie (two paths) and CSRF cookie
+
+    persistent_redis.start()
+    page.clock.fast_forward("00:05")  # the Retry-After the service asked for
+    expect(page.locator("#status")).to_have_text("Logged in. Refreshed silently.")
+    press(page, "Call GET /me")
+    expect(page.locator("#me")).to_contain_text("HTTP 200")
+    assert claims_of(page)["sid"] == sid
+
+
+def test_the_sessions_panel_lists_ends_and_logs_out_everywhere_else(browser, server):
+    tablet = open_tab(new_context(browser, user_agent="Tablet"), server)
+    log_in(tablet)
+    phone = open_tab(new_context(browser, user_agent="Phone"), server)
+    log_in(phone)
+    context = new_context(browser)
+    page = open_tab(context, server)
+    log_in(page)
+    rows = page.locator("#sessions tr")
+    expect(rows).to_have_count(3)
+    expect(page.locator("#sessions tr.current")).to_have_count(1)
+    expect(page.locator("#sessions tr.current")).to_contain_text("This session")
+
+    rows.filter(has_text="Tablet").get_by_role("button", name="End").click()
+    expect(rows).to_have_count(2)
+    press(tablet, "Call GET /me")  # 401, and the refresh is refused: the session is over
+    expect(tablet.locator("#status")).to_contain_text("Session over: ")
+    expect(tablet.locator("#login")).to_be_visible()
+    assert requests_of(tablet)[-2:] == [
+        "GET /me → 401 invalid_token",
+        "POST /token → 403 invalid_refresh_token",
+    ]
+
+    press(page, "Log out everywhere else")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("This session")
+    press(phone, "Call GET /me")
+    expect(phone.locator("#login")).to_be_visible()
+    press(page, "Call GET /me")
+    expect(page.locator("#me")).to_contain_text("HTTP 200")
+
+    rows.get_by_role("button", name="End").click()  # ending this session is logging out
+    expect(page.locator("#status")).to_have_text("Logged out.")
+    assert not session_cookies(context)

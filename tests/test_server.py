@@ -569,18 +569,6 @@ def test_logout_with_a_spent_token_of_the_session_ends_it(auth_actions):
     assert auth_actions.refresh(latest["refreshToken"]).status_code == 403
 
 
-def test_logout_ends_the_sessions_access_token_too(auth_actions):
-    tokens = auth_actions.tokens()
-    other = auth_actions.tokens()
-    assert auth_actions.logout(tokens["refreshToken"]).status_code == 204
-    response = auth_actions.me(tokens["accessToken"])
-    assert response.status_code == 401
-    assert response.json["message"] == (
-        "The access token is not valid: Its session has ended. Log in or refresh to get a new one."
-    )
-    assert auth_actions.me(other["accessToken"]).status_code == 200
-
-
 def test_logout_ignores_an_invalid_access_token(auth_actions):
     tokens = auth_actions.tokens()
     assert auth_actions.logout(tokens["refreshToken"], "not-a-token").status_code == 204
