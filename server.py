@@ -223,11 +223,11 @@ def authenticate_client(clients: dict[str, str]) -> None:
     client_id = credentials.username if credentials and credentials.type == "basic" else None
     guard = current_app.extensions["login_guard"]
     if client_id is not None:
-        guard.count_attempt(client_id, request.remote_addr, ("email_address",))
+        guard.check_client(client_id, request.remote_addr)
         expected = clients.get(client_id, "")
         if same_text(credentials.password or "", expected) and expected:
-            guard.succeeded(client_id, request.remote_addr)
             return
+        guard.client_failed(client_id, request.remote_addr)
         audit("introspection_client_refused")
     raise APIError(
         401,
@@ -319,6 +319,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
             "email_address": settings["LOGIN_RATE_LIMIT"],
             "account": settings["LOGIN_ACCOUNT_RATE_LIMIT"],
             "address": settings["LOGIN_ADDRESS_RATE_LIMIT"],
+            "client": settings["LOGIN_RATE_LIMIT"],  # failed introspection client logins
         },
         settings["MAX_CONCURRENT_LOGINS"],
     )

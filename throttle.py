@@ -8,8 +8,9 @@ at the same moment cannot slip past a check made before any of them was counted:
 - per address, across all emails (``LOGIN_ADDRESS_RATE_LIMIT``): password spraying.
 
 A successful login clears the first two (the user knows the password); never the third, or
-one valid account would reset it. The counters live where the sessions do: in this process,
-or in Redis for every worker.
+one valid account would reset it. Introspection clients (``/introspect``) have a limit of
+their own, per client and address, on failed authentications only. The counters live where
+the sessions do: in this process, or in Redis for every worker.
 
 Password checks are memory-hard (19 MiB each), so they run on a few threads of their own:
 that bounds how many run at once, and also how much memory stays behind, since the C
@@ -31,7 +32,6 @@ from limits.strategies import MovingWindowRateLimiter
 
 from errors import APIError
 
-LIMITS = ("email_address", "account", "address")
 # Seconds a login waits for a hashing slot before it is told to come back.
 SLOT_WAIT = 2
 T = TypeVar("T")
@@ -53,12 +53,10 @@ class LoginGuard:
         self._hashers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="password-check")
         weakref.finalize(self, self._hashers.shutdown, wait=False)
 
-    def count_attempt(self, email: str, address: str, names: tuple[str, ...] = LIMITS) -> None:
-        """Count one attempt on the named limits; raise the 429 of the first that is full."""
+    def count_attempt(self, email: str, address: str) -> None:
+        """Count one login attempt on every limit; raise the 429 of the first that is full."""
         # NIST SP 800-63B §5.2.2 and OWASP Authentication Cheat Sheet: limit failed attempts.
         for limit, identifiers in self._identifiers(email.lower(), address):
-            if limit.name not in names:
-                continue
             # hit() adds the attempt only if the window has room, in one atomic step.
             if not self._limiter.hit(limit.item, limit.name, *identifiers):
                 raise self._throttled(limit, identifiers)
@@ -68,6 +66,21 @@ class LoginGuard:
         for limit, identifiers in self._identifiers(email.lower(), address):
             if limit.name != "address":
                 self._limiter.clear(limit.item, limit.name, *identifiers)
+
+    def check_client(self, client_id: str, address: str) -> None:
+        """Refuse a client that failed too often from this address, without counting this call.
+
+        A client's secret is long and random, so guesses racing the count gain nothing; but a
+        busy client's own valid calls, counted before their check, would throttle it.
+        """
+        limit = self._limits["client"]
+        if not self._limiter.test(limit.item, limit.name, client_id, address):
+            raise self._throttled(limit, (client_id, address))
+
+    def client_failed(self, client_id: str, address: str) -> None:
+        """Count a failed client authentication."""
+        limit = self._limits["client"]
+        self._limiter.hit(limit.item, limit.name, client_id, address)
 
     def check_password(self, check: Callable[[], T]) -> T:
         """Run ``check`` on a hashing thread once a slot is free, or answer 503 if none frees up."""
@@ -90,7 +103,8 @@ class LoginGuard:
         error = APIError(
             429,
             "too_many_requests",
-            f"Too many failed logins; retry in {retry_after} s.",
+            f"Too many failed {'authentications' if limit.name == 'client' else 'logins'}; "
+            f"retry in {retry_after} s.",
             # RFC 6585 §4: a 429 may say in Retry-After how long to wait.
             {"Retry-After": str(retry_after)},
         )
