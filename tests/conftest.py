@@ -240,47 +240,60 @@ def start_cluster(redis_url, redis_client, tmp_path):
         yield start
 
 
+class RedisServer:
+    """A redis-server of a test's own, to stop and start again."""
+
+    def __init__(self, folder, persistent):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("CI needs redis-server on PATH")
+            pytest.skip("redis-server is not installed")
+        self.port, self.folder = free_port(), folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        # Persistent: an append-only file, as a production Redis keeps, survives a restart.
+        keep = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
+        self.command = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder),
+            "--save", "", *keep,
+        ]  # fmt: skip
+
+    def start(self):
+        self.process = start(self.command, None, self.folder)
+        with redis.Redis(port=self.port) as client:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    threading.Event().wait(0.05)  # waiting for start-up, not for expiry
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def redis_server(folder, persistent=False):
+    server = RedisServer(folder, persistent)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
 @pytest.fixture
 def own_redis(tmp_path):
-    """A redis-server of this test's own, to stop and start again."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs redis-server on PATH")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    command = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
+    """A redis-server of this test's own, which comes back empty after a restart."""
+    with redis_server(tmp_path) as server:
+        yield server
 
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
 
-        def start(self):
-            self.process = start(command, None, tmp_path)
-            with redis.Redis(port=port) as client:
-                for _ in range(100):
-                    try:
-                        client.ping()
-                        return
-                    except redis.ConnectionError:
-                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
-            raise RuntimeError("redis-server did not start")
-
-        def stop(self):
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    server = Server()
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
+@pytest.fixture
+def persistent_redis(tmp_path):
+    """A redis-server of this test's own, whose data survives a restart."""
+    with redis_server(tmp_path, persistent=True) as server:
+        yield server

@@ -9,14 +9,12 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 
-from .conftest import DEMO, ROOT, free_port, start
+from .conftest import DEMO, ROOT
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -294,49 +292,6 @@ def test_no_answer_is_try_again_with_growing_waits(browser, server):
     context.unroute("**/token")
     page.clock.fast_forward("00:04")
     expect(page.locator("#status")).to_have_text("Logged in. Refreshed on request.")
-
-
-@pytest.fixture
-def persistent_redis(tmp_path):
-    """A redis-server to stop and start again, whose data survives the restart.
-
-    Unlike conftest's own_redis, it keeps an append-only file, as a production Redis would, so
-    the session is still there when Redis comes back.
-    """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs redis-server on PATH")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    command = [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-        "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-    ]  # fmt: skip
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-
-        def start(self):
-            self.process = start(command, None, tmp_path)
-            with redis.Redis(port=port) as client:
-                for _ in range(100):
-                    try:
-                        client.ping()
-                        return
-                    except (redis.ConnectionError, redis.BusyLoadingError):
-                        threading.Event().wait(0.05)  # waiting for start-up, not for expiry
-            raise RuntimeError("redis-server did not start")
-
-        def stop(self):
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    server = Server()
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
 
 
 def test_redis_down_is_try_again_and_the_session_survives(browser, start_server, persistent_redis):
