@@ -164,18 +164,21 @@ def bearer_token() -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def invalid_access_token(message: str) -> APIError:
+def invalid_access_token(
+    message: str, remedy: str = "Log in or refresh to get a new one."
+) -> APIError:  # noqa: E501
     """Return the 401 of an access token that does not count (RFC 6750 §3.1)."""
     return APIError(
         401,
         "invalid_token",
-        f"The access token is not valid: {message} Log in or refresh to get a new one.",
+        f"The access token is not valid: {message} {remedy}",
         {"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
 
 
 def token_required(view: Callable) -> Callable:
-    """Let the request through only with a live session's access token; put it on ``g``."""
+    """Let the request through only with a live session's access token of an account that
+    still exists; put the claims, the session and the user on ``g``."""
 
     @functools.wraps(view)
     def wrapped(**kwargs: Any) -> Any:
@@ -192,10 +195,14 @@ def token_required(view: Callable) -> Callable:
             g.claims = current_app.extensions["tokens"].decode(token, ACCESS)
         except InvalidToken as error:
             raise invalid_access_token(str(error)) from None
-        # An access token lives only while its session does: one lookup, no deny list.
+        # OWASP JWT Cheat Sheet (token revocation): an access token lives only while its
+        # session does; one lookup, and no deny list to keep.
         session = current_app.extensions["store"].get(g.claims["sid"], int(time.time()))
         if session is None or session.user != g.claims["sub"]:
-            raise invalid_access_token("Its session has ended.")
+            raise invalid_access_token("Its session has ended.", "Log in again.")
+        g.user = current_app.extensions["users"].get(session.user)
+        if g.user is None:
+            raise invalid_access_token("Its account no longer exists.", "Log in again.")
         g.session = session
         return view(**kwargs)
 

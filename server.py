@@ -9,6 +9,8 @@ import hmac
 import json
 import logging
 import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -135,22 +137,24 @@ def logout() -> Response:
     else:
         if in_cookie:
             check_csrf_session(claims["sid"])
-        end_sessions(claims["sub"], claims["sid"], scope)
+        end_sessions(claims, scope)
     response = current_app.response_class(status=204)
     if in_cookie and scope != "others":
         set_session_cookies(response)  # empty, expiring now: the browser drops them
     return response
 
 
-def end_sessions(user: str, sid: str, scope: str) -> None:
-    """End the sessions a logout of this scope names, starting from session ``sid``."""
+def end_sessions(claims: dict[str, Any], scope: str) -> None:
+    """End the sessions a logout of this scope names, starting from the token's session."""
     store, now = current_app.extensions["store"], int(time.time())
-    if scope == "local":
-        ended = [sid] if store.end(sid, user, now) else []
-    elif store.get(sid, now) is None:
-        ended = []  # a stale token of an ended session ends nothing more
-    else:
+    user, sid = claims["sub"], claims["sid"]
+    session, policy = store.get(sid, now), current_app.extensions["policy"]
+    if scope != "local" and session is not None and policy.is_current(session, claims, now):
         ended = store.end_all(user, keep=sid if scope == "others" else None)
+    else:
+        # A spent token may end its own session, never the others: it may be a thief's.
+        scope = "local"
+        ended = [sid] if store.end(sid, user, now) else []
     audit("logout", user=user, session=sid[:8], scope=scope)
     for other in ended:
         audit("session_ended", user=user, session=other[:8], reason=f"logout_{scope}")
@@ -160,15 +164,7 @@ def end_sessions(user: str, sid: str, scope: str) -> None:
 @token_required
 def me() -> Response:
     """Return who the access token belongs to: what an access token is for."""
-    user = current_app.extensions["users"].get(g.claims["sub"])
-    if user is None:
-        raise APIError(
-            401,
-            "invalid_token",
-            "The access token's account no longer exists.",
-            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    return jsonify(id=user.id, email=user.email)
+    return jsonify(id=g.user.id, email=g.user.email)
 
 
 @api.get("/sessions")
@@ -186,7 +182,8 @@ def end_session(sid: str) -> Response:
     """End one of the caller's sessions, and with it all its tokens."""
     store, user = current_app.extensions["store"], g.claims["sub"]
     if not store.end(sid, user, int(time.time())):
-        # The same answer for unknown, ended and other users' ids: ids are not probed.
+        # OWASP Authorization Cheat Sheet: one answer for unknown, ended and other users' ids,
+        # so nobody learns which ids exist.
         raise APIError(404, "session_not_found", "You have no live session with that id.")
     audit("session_ended", user=user, session=sid[:8], reason="ended_by_user")
     return current_app.response_class(status=204)
@@ -219,16 +216,18 @@ def introspect() -> Response:
 
 def authenticate_client(clients: dict[str, str]) -> None:
     """Let only a client of INTROSPECTION_CLIENTS through, with HTTP Basic (RFC 7662 §2.1)."""
-    credentials = request.authorization
-    client_id = credentials.username if credentials and credentials.type == "basic" else None
+    try:
+        credentials = request.authorization
+    except ValueError:  # Basic credentials that are not base64 of text
+        credentials = None
+    sent_id = credentials.username if credentials and credentials.type == "basic" else None
+    client_id = sent_id if sent_id in clients else None  # made-up ids get no counter
     guard = current_app.extensions["login_guard"]
-    if client_id is not None:
-        guard.check_client(client_id, request.remote_addr)
-        expected = clients.get(client_id, "")
-        if same_text(credentials.password or "", expected) and expected:
-            return
-        guard.client_failed(client_id, request.remote_addr)
-        audit("introspection_client_refused")
+    guard.check_client(client_id, request.remote_addr)
+    if client_id is not None and same_text(credentials.password or "", clients[client_id]):
+        return
+    guard.client_failed(client_id, request.remote_addr)
+    audit("introspection_client_refused")
     raise APIError(
         401,
         "invalid_client",
@@ -246,6 +245,8 @@ def active_claims(token: str, kind: str) -> dict[str, Any] | None:
     session = current_app.extensions["store"].get(claims["sid"], int(time.time()))
     if session is None or session.user != claims["sub"]:
         return None
+    if current_app.extensions["users"].get(session.user) is None:
+        return None  # the account was removed
     if kind == REFRESH and claims["jti"] != session.jti:
         return None  # spent: only a session's current refresh token is active
     token_type = "access_token" if kind == ACCESS else "refresh_token"
@@ -319,7 +320,10 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
             "email_address": settings["LOGIN_RATE_LIMIT"],
             "account": settings["LOGIN_ACCOUNT_RATE_LIMIT"],
             "address": settings["LOGIN_ADDRESS_RATE_LIMIT"],
-            "client": settings["LOGIN_RATE_LIMIT"],  # failed introspection client logins
+            # Failed authentications of introspection clients, limited like failed logins.
+            "client_pair": settings["LOGIN_RATE_LIMIT"],
+            "client": settings["LOGIN_ACCOUNT_RATE_LIMIT"],
+            "client_address": settings["LOGIN_ADDRESS_RATE_LIMIT"],
         },
         settings["MAX_CONCURRENT_LOGINS"],
     )
@@ -375,6 +379,8 @@ def common_headers(response: Response) -> Response:
     """Headers every answer carries, whatever route or error produced it."""
     # OWASP HTTP Security Response Headers Cheat Sheet: never let a browser guess the type.
     response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.status_code == 204:
+        del response.headers["Content-Type"]  # RFC 9110 §15.3.5: no content, so no type
     # RFC 6749 §5.1 and RFC 9111 §5.2.2.5: tokens and personal data are never cached; routes
     # that may be cached (the JWKS, the page's files) say so themselves.
     response.headers.setdefault("Cache-Control", "no-store")
@@ -390,8 +396,9 @@ def json_body() -> dict[str, Any]:
             415, "unsupported_media_type", "Send a JSON body with 'Content-Type: application/json'."
         )
     try:
-        body = json.loads(read_body())
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond reason
+        # RFC 8259 §8.1: JSON between systems is UTF-8; json.loads alone would take UTF-16 too.
+        body = json.loads(read_body().decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
         raise APIError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_body", "The request body must be a JSON object.")
@@ -479,11 +486,30 @@ def audit(event: str, **fields: str) -> None:
 
 
 class QuietRequestHandler(WSGIRequestHandler):
-    """Werkzeug's request handler, without its and Python's versions in the Server header."""
+    """Werkzeug's request handler, telling an attacker less: no versions, no whole ids."""
 
     def version_string(self) -> str:
         # OWASP HTTP Headers Cheat Sheet: a version only helps an attacker pick an exploit.
         return "jwt-refresh-service"
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """Answer a request too broken to reach the app in the JSON shape, never echoing it."""
+        reason = self.responses.get(code, ("Error",))[0]
+        body = json.dumps({"error": re.sub(r"\W+", "_", reason.lower()), "message": reason})
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body.encode())
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # A session id in a path is logged as a prefix only, as the audit lines do.
+        if hasattr(self, "path"):  # not set when the request line itself was broken
+            self.path = re.sub(r"(/sessions/[^/?]{8})[^/?]*", r"\1...", self.path)
+        super().log_request(code, size)
 
 
 def main() -> None:
@@ -493,6 +519,11 @@ def main() -> None:
     except ConfigError as error:
         sys.exit(f"error: {error.message}")
     host, port = app.config["HOST"], app.config["PORT"]
+    try:  # say so plainly before anything else, rather than after an address to open
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        sys.exit(f"error: cannot listen on {host}:{port} ({reason}); set PORT to another.")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     app.logger.info("Open http://%s:%d/ for the demo page.", shown, port)
     app.run(host=host, port=port, debug=False, threaded=True, request_handler=QuietRequestHandler)

@@ -55,7 +55,7 @@ class Session:
 class Policy:
     """The rules every store applies to sessions (settings of the same names)."""
 
-    idle_ttl: int = 604_800  # SESSION_IDLE_TTL; 0 turns the idle timeout off
+    idle_ttl: int = 604_800  # SESSION_IDLE_TTL (OWASP ASVS 3.3.2); 0 turns the timeout off
     max_sessions: int = 20  # MAX_SESSIONS_PER_USER
     grace: int = 10  # REFRESH_REUSE_GRACE; 0 makes every second use reuse
     lifetime: int = 1_209_600  # REFRESH_TOKEN_TTL: how long a session lives from its login
@@ -71,6 +71,12 @@ class Policy:
     def forgives(self, seconds_since_rotation: int) -> bool:
         """Tell whether the token spent that long ago may still be retried (RFC 9700 §4.14.2)."""
         return self.grace > 0 and seconds_since_rotation <= self.grace
+
+    def is_current(self, session: Session, claims: dict, now: int) -> bool:
+        """Tell whether a refresh token is the session's current one, or just spent and forgiven."""
+        jti = claims["jti"]
+        spent_just_now = jti == session.previous_jti and self.forgives(now - session.rotated_at)
+        return jti == session.jti or spent_just_now
 
     def idle_deadline(self, now: int, expires_at: int) -> int | None:
         """Return when a session used at ``now`` goes idle: never after its absolute end."""
@@ -115,11 +121,6 @@ class Store(Protocol):
         """Return if the store answers; raise if it does not."""
 
 
-def by_recent_use(sessions: list[Session]) -> list[Session]:
-    """Sort sessions most recently used first."""
-    return sorted(sessions, key=lambda session: session.last_used_at, reverse=True)
-
-
 class MemoryStore:
     """The store of one process: dictionaries behind one lock.
 
@@ -134,7 +135,8 @@ class MemoryStore:
         self._policy = policy
         self._lock = threading.Lock()  # the threaded server runs views concurrently
         self._sessions: dict[str, Session] = {}
-        # user -> ids of their sessions: a short list (the cap bounds it), smaller than a set
+        # user -> ids of their sessions, least recently used first: a short list (the cap
+        # bounds it), smaller than a set
         self._by_user: dict[str, list[str]] = {}
         self._swept_at_size = 0
 
@@ -142,14 +144,12 @@ class MemoryStore:
         with self._lock:
             for dead in [s for s in self._of_user(session.user) if not s.live(now)]:
                 self._drop(dead.id)
-            mine = self._of_user(session.user)
+            mine = self._by_user.get(session.user, [])
             evicted = []
             # A cap per user bounds the memory one account can take (OWASP Session Mgmt).
             while len(mine) >= self._policy.max_sessions:
-                oldest = min(mine, key=lambda s: s.last_used_at)
-                mine.remove(oldest)
-                self._drop(oldest.id)
-                evicted.append(oldest.id)
+                evicted.append(mine[0])
+                self._drop(mine[0])
             self._sessions[session.id] = dataclasses.replace(session)  # ours, not the caller's
             self._by_user.setdefault(session.user, []).append(session.id)
             self._sweep(now)
@@ -169,6 +169,8 @@ class MemoryStore:
                     new_jti, now, now, ip,
                 )  # fmt: skip
                 session.idle_expires_at = self._policy.idle_deadline(now, session.expires_at)
+                mine = self._by_user[session.user]
+                mine.append(mine.pop(mine.index(sid)))  # now the most recently used
                 return Rotation.ROTATED, dataclasses.replace(session)
             if jti == session.previous_jti and self._policy.forgives(now - session.rotated_at):
                 return Rotation.REPLAYED, dataclasses.replace(session)
@@ -182,8 +184,8 @@ class MemoryStore:
 
     def sessions(self, user: str, now: int) -> list[Session]:
         with self._lock:
-            live = [dataclasses.replace(s) for s in self._of_user(user) if s.live(now)]
-        return by_recent_use(live)
+            recent_first = reversed(self._of_user(user))
+            return [dataclasses.replace(s) for s in recent_first if s.live(now)]
 
     def end(self, sid: str, user: str, now: int) -> bool:
         with self._lock:
@@ -253,6 +255,18 @@ local function drop(index, sid)
     redis.call('DEL', key(sid))
     redis.call('ZREM', index, sid)
 end
+local function touch(index, sid)
+    -- Score a session by its last use; within one second, by order of use, a thousandth
+    -- apart, so that the least recently used is always the lowest.
+    local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+    local score = now
+    if top[2] then
+        local highest = tonumber(top[2])
+        if top[1] == sid then score = math.max(highest, now)
+        elseif highest >= now then score = highest + 0.001 end
+    end
+    redis.call('ZADD', index, string.format('%.3f', score), sid)
+end
 local function expire_with(index, deadline)
     if redis.call('TTL', index) < 0 then redis.call('EXPIREAT', index, deadline)
     else redis.call('EXPIREAT', index, deadline, 'GT') end
@@ -275,7 +289,7 @@ while redis.call('ZCARD', index) >= cap do
 end
 redis.call('HSET', key(sid), unpack(ARGV, 6))
 redis.call('EXPIREAT', key(sid), deadline)
-redis.call('ZADD', index, now, sid)
+touch(index, sid)
 expire_with(index, deadline)
 return evicted
 """
@@ -298,7 +312,7 @@ if jti == current then
                'used', now, 'ip', ARGV[6], 'idle', idle)
     local deadline = idle == '' and exp or idle
     redis.call('EXPIREAT', key(sid), deadline)
-    redis.call('ZADD', index, now, sid)
+    touch(index, sid)
     expire_with(index, deadline)
     return {2, unpack(redis.call('HMGET', key(sid), unpack(ARGV, 9)))}
 end
@@ -383,7 +397,8 @@ class RedisStore:
         return session if session.live(now) else None
 
     def sessions(self, user: str, now: int) -> list[Session]:
-        sids = [sid.decode() for sid in self._redis.zrange(self._index(user), 0, -1)]
+        index = self._index(user)
+        sids = [sid.decode() for sid in self._redis.zrange(index, 0, -1, desc=True)]
         with self._redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(self._key(sid), FIELDS)
@@ -394,7 +409,7 @@ class RedisStore:
             if values[0] is not None
             and (session := from_fields(sid, [v.decode() for v in values])).live(now)
         ]
-        return by_recent_use(live)
+        return live  # most recently used first, as the index orders them
 
     def end(self, sid: str, user: str, now: int) -> bool:
         return bool(self._end(keys=[self._index(user)], args=[self._prefix, now, sid, user]))

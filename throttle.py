@@ -8,8 +8,8 @@ at the same moment cannot slip past a check made before any of them was counted:
 - per address, across all emails (``LOGIN_ADDRESS_RATE_LIMIT``): password spraying.
 
 A successful login clears the first two (the user knows the password); never the third, or
-one valid account would reset it. Introspection clients (``/introspect``) have a limit of
-their own, per client and address, on failed authentications only. The counters live where
+one valid account would reset it. Introspection clients (``/introspect``) have the same three
+limits of their own, on failed authentications only. The counters live where
 the sessions do: in this process, or in Redis for every worker.
 
 Password checks are memory-hard (19 MiB each), so they run on a few threads of their own:
@@ -67,20 +67,30 @@ class LoginGuard:
             if limit.name != "address":
                 self._limiter.clear(limit.item, limit.name, *identifiers)
 
-    def check_client(self, client_id: str, address: str) -> None:
-        """Refuse a client that failed too often from this address, without counting this call.
+    def check_client(self, client_id: str | None, address: str) -> None:
+        """Refuse a client that failed too often, without counting this call.
 
-        A client's secret is long and random, so guesses racing the count gain nothing; but a
-        busy client's own valid calls, counted before their check, would throttle it.
+        Like logins: per client and address, per client, and per address. Only failures
+        count: a client's secret is long and random, so guesses racing the count gain
+        nothing, while counting a busy client's own valid calls would throttle it.
         """
-        limit = self._limits["client"]
-        if not self._limiter.test(limit.item, limit.name, client_id, address):
-            raise self._throttled(limit, (client_id, address))
+        for limit, identifiers in self._client_identifiers(client_id, address):
+            if not self._limiter.test(limit.item, limit.name, *identifiers):
+                raise self._throttled(limit, identifiers)
 
-    def client_failed(self, client_id: str, address: str) -> None:
-        """Count a failed client authentication."""
-        limit = self._limits["client"]
-        self._limiter.hit(limit.item, limit.name, client_id, address)
+    def client_failed(self, client_id: str | None, address: str) -> None:
+        """Count a failed client authentication: ``client_id`` is None for an unknown one."""
+        for limit, identifiers in self._client_identifiers(client_id, address):
+            self._limiter.hit(limit.item, limit.name, *identifiers)
+
+    def _client_identifiers(
+        self, client_id: str | None, address: str
+    ) -> list[tuple[Limit, tuple[str, ...]]]:
+        # A counter per client only for clients that exist, so made-up ids cost no memory.
+        keys = {"client_address": (address,)}
+        if client_id is not None:
+            keys |= {"client": (client_id,), "client_pair": (client_id, address)}
+        return [(self._limits[name], keys[name]) for name in keys]
 
     def check_password(self, check: Callable[[], T]) -> T:
         """Run ``check`` on a hashing thread once a slot is free, or answer 503 if none frees up."""
@@ -94,16 +104,18 @@ class LoginGuard:
             self._slots.release()
 
     def _identifiers(self, email: str, address: str) -> list[tuple[Limit, tuple[str, ...]]]:
-        keys = {"email_address": (email, address), "account": (email,), "address": (address,)}
+        # The address first: once it is full, a flood of new emails adds no counter of its own.
+        keys = {"address": (address,), "account": (email,), "email_address": (email, address)}
         return [(self._limits[name], keys[name]) for name in keys]
 
     def _throttled(self, limit: Limit, identifiers: tuple[str, ...]) -> APIError:
         stats = self._limiter.get_window_stats(limit.item, limit.name, *identifiers)
+        is_client = limit.name.startswith("client")
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         error = APIError(
             429,
             "too_many_requests",
-            f"Too many failed {'authentications' if limit.name == 'client' else 'logins'}; "
+            f"Too many failed {'authentications' if is_client else 'logins'}; "
             f"retry in {retry_after} s.",
             # RFC 6585 §4: a 429 may say in Retry-After how long to wait.
             {"Retry-After": str(retry_after)},

@@ -9,8 +9,9 @@ one of three ways, chosen by the environment:
 - ``INTROSPECT=1``: it asks the auth service's ``/introspect`` about every token, so a logout
   takes effect at once, at the cost of one call per request (RFC 7662).
 
-Run it beside the auth service from the repository root; each pair starts both in the
-background (``kill %1 %2`` stops them). This service reads its environment only, not ``.env``.
+Run it beside the auth service from the repository root, in the project's venv
+(``. .venv/bin/activate``); each pair starts both in the background (``kill %1 %2`` stops
+them). This service reads its environment only, not ``.env``.
 
     # HS256 (the default): both hold the same secret.
     export ACCESS_TOKEN_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')

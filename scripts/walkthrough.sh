@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A guided tour of the service with curl. Start the server first (python server.py), then:
+# A guided tour of the service with curl. Start the server first (make run), then:
 #   scripts/walkthrough.sh [BASE_URL]        (default http://127.0.0.1:3000)
 # Each step says what it does and why, and prints each command it runs exactly as it runs it:
 # pasted in order into bash, they do the same. Answers are printed with every token shortened,

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +32,7 @@ from .conftest import (
     ACCESS_SECRET,
     DEMO,
     REFRESH_SECRET,
+    ROOT,
     TEST_CONFIG,
     free_port,
     granian,
@@ -548,3 +550,35 @@ def test_every_answer_says_nosniff_and_personal_ones_no_store(client):
         assert response.headers["Cache-Control"] == "no-store", response.request.path
     for response in personal + others:
         response.close()  # the page's file stays open until its answer is closed
+
+
+def test_a_body_that_is_not_utf_8_is_invalid_json(client):
+    # RFC 8259 §8.1: JSON between systems is UTF-8, even where a parser could take UTF-16.
+    for encoding in ("utf-16", "utf-32"):
+        body = json.dumps(DEMO).encode(encoding)
+        response = client.post("/login", data=body, content_type="application/json")
+        assert (response.status_code, response.json["error"]) == (400, "invalid_json")
+
+
+def test_requests_too_broken_for_the_app_get_the_json_shape_and_nosniff(live_server):
+    for head in (b"GET /a b HTTP/1.1", b"GET /" + b"a" * 70_000 + b" HTTP/1.1"):
+        answer = raw_request(live_server, head)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert int(status_line.split()[1]) in (400, 414)
+        assert b"X-Content-Type-Options: nosniff" in rest
+        assert b"Content-Type: application/json" in rest
+        assert b"a b" not in status_line  # the request is never echoed
+
+
+def test_the_access_log_shows_session_ids_as_prefixes_only(tmp_path):
+    port = free_port()
+    command = [sys.executable, str(ROOT / "server.py")]
+    with serve(command, user_env(PORT=str(port)), tmp_path, port) as (url, log_path):
+        tokens = call(url, "POST", "/login", DEMO)[2]
+        sid = jwt.decode(tokens["accessToken"], options={"verify_signature": False})["sid"]
+        request = urllib.request.Request(f"{url}/sessions/{sid}", method="DELETE")
+        request.add_header("Authorization", f"Bearer {tokens['accessToken']}")
+        urllib.request.urlopen(request).close()
+    log = log_path.read_text()
+    assert f"/sessions/{sid[:8]}..." in log
+    assert sid not in log

@@ -837,3 +837,49 @@ def test_a_second_service_trusts_our_tokens(start_server, tmp_path):
             401,
             "The access token is not valid: Signature has expired.",
         )
+
+
+def test_made_up_client_ids_cost_no_memory(redis_url, redis_client):
+    # Only clients that exist get counters: a flood of long, new ids adds none.
+    app = create_app(
+        TEST_CONFIG
+        | {"REDIS_URL": redis_url, "INTROSPECTION_CLIENTS": "posts:posts-secret-0123456789"}
+    )  # noqa: E501
+    client = app.test_client()
+    for n in range(50):
+        made_up = basic(f"{n}{'A' * 5000}", "whatever")
+        assert client.post("/introspect", data={"token": "x"}, headers=made_up).status_code in (
+            401,
+            429,
+        )  # noqa: E501
+    keys = redis_client.keys("LIMITS*")
+    assert len(keys) == 1 and all(len(key) < 200 for key in keys)  # the address's, only
+
+
+def test_a_removed_accounts_tokens_are_inactive_everywhere(tmp_path):
+    users_file = tmp_path / "users.txt"
+    from users import hash_password
+
+    users_file.write_text(f"bob@example.com:{hash_password('bob password')}\n")
+    config = TEST_CONFIG | {
+        "USERS_FILE": str(users_file),
+        "INTROSPECTION_CLIENTS": "posts:posts-secret-0123456789",
+    }  # noqa: E501
+    first = create_app(config)
+    tokens = (
+        first.test_client()
+        .post("/login", json={"email": "bob@example.com", "password": "bob password"})
+        .json
+    )  # noqa: E501
+    users_file.write_text("")  # bob is removed, and the service restarted with the same store
+    second = create_app(config)
+    second.extensions["store"] = first.extensions["store"]
+    client = second.test_client()
+    bearer = {"Authorization": f"Bearer {tokens['accessToken']}"}
+    assert client.get("/me", headers=bearer).status_code == 401
+    assert client.get("/sessions", headers=bearer).status_code == 401
+    for token in (tokens["accessToken"], tokens["refreshToken"]):
+        answer = client.post(
+            "/introspect", data={"token": token}, headers=basic("posts", "posts-secret-0123456789")
+        )  # noqa: E501
+        assert answer.json == {"active": False}

@@ -205,6 +205,19 @@ def test_a_stale_token_of_an_ended_session_ends_nothing_more(actions):
     assert actions.me(live["accessToken"]).status_code == 200
 
 
+@pytest.mark.parametrize("scope", ["others", "global"])
+def test_a_spent_token_ends_its_own_session_only(actions, scope):
+    other = actions.tokens()
+    with later(0):
+        spent = actions.tokens()
+        current = actions.refresh(spent["refreshToken"]).json
+    with later(15):  # past the grace window, where a just-spent token still counts
+        other = actions.refresh(other["refreshToken"]).json
+        assert actions.logout_scope(spent["refreshToken"], scope).status_code == 204
+        assert actions.me(current["accessToken"]).status_code == 401  # its own session ended
+        assert actions.me(other["accessToken"]).status_code == 200  # the others did not
+
+
 @pytest.mark.parametrize("scope", ["everywhere", "", None, 1, ["global"], "GLOBAL"])
 def test_an_unknown_scope_is_refused_before_the_token_is_read(actions, scope):
     tokens = actions.tokens()
@@ -264,7 +277,7 @@ def test_an_access_token_is_refused_right_after_its_session_ends(actions, end):
     response = actions.me(tokens["accessToken"])
     assert response.status_code == 401
     assert response.json["message"] == (
-        "The access token is not valid: Its session has ended. Log in or refresh to get a new one."
+        "The access token is not valid: Its session has ended. Log in again."
     )
     assert actions.sessions(tokens["accessToken"]).status_code == 401
 

@@ -289,3 +289,14 @@ def test_redis_failure_is_raised_not_hidden():
     session = POLICY.new_session("alice", NOW, "", "")
     with pytest.raises(redis.ConnectionError):
         rotate(store, session, session.jti)
+
+
+def test_within_one_second_the_cap_still_evicts_the_least_recently_used(make_store):
+    policy = Policy(max_sessions=2)
+    store = make_store(policy)
+    first, second = (begin(store, now=NOW, policy=policy)[0] for _ in range(2))
+    assert begin(store, now=NOW, policy=policy)[1] == [first.id]  # all in the same second
+    rotate(store, second, second.jti, NOW, "jti-2")  # used: now the most recent
+    third = store.sessions("alice", NOW)[-1]
+    assert begin(store, now=NOW, policy=policy)[1] == [third.id]
+    assert store.sessions("alice", NOW)[-1].id == second.id
