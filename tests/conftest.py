@@ -234,7 +234,7 @@ def start_cluster(redis_url, redis_client, tmp_path):
 
         def start(**settings):
             port = free_port()
-            env = user_env(**WITH_DEMO, REDIS_URL=redis_url, **settings)
+            env = user_env(**(WITH_DEMO | {"REDIS_URL": redis_url} | settings))
             return stack.enter_context(serve(granian(port), env, tmp_path, port))
 
         yield start

@@ -1,6 +1,8 @@
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import argon2
 import pytest
@@ -350,3 +352,29 @@ def test_commands_without_users_file_say_how_to_set_it(cli, args):
     result = cli(*args, input="secret\nsecret\n")
     assert result.exit_code == 1
     assert "Set USERS_FILE to the accounts file, e.g. USERS_FILE=users.txt" in result.output
+
+
+def test_the_readme_production_path_through_the_real_flask_command(tmp_path, start_cluster):
+    """`flask --app server users add` creates the file even with production settings, then
+    granian in production logs that account in, and the demo password does not work."""
+    from .conftest import DEMO, TEST_CONFIG, user_env
+    from .test_server import call
+
+    env = user_env(**TEST_CONFIG, APP_ENV="production", USERS_FILE=str(tmp_path / "users.txt"))
+    flask = [sys.executable, "-m", "flask", "--app", "server", "users"]
+    added = subprocess.run(
+        [*flask, "add", "alice@example.com"], input="alice's password\nalice's password\n",
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run(
+        [*flask, "list"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )  # noqa: E501
+    assert listed.stdout == "alice@example.com\n"
+    assert "argon2id" not in listed.stdout + listed.stderr
+    url, _ = start_cluster(
+        APP_ENV="production", USERS_FILE=str(tmp_path / "users.txt"), DEMO_USER_PASSWORD=""
+    )  # noqa: E501
+    alice = {"email": "alice@example.com", "password": "alice's password"}
+    assert call(url, "POST", "/login", alice)[0] == 200
+    assert call(url, "POST", "/login", DEMO)[0] == 401
