@@ -102,7 +102,7 @@ class Tokens:
             # RFC 7515 §4.1.4: the kid names the key; one we do not hold (or retired) fails.
             raise InvalidToken("The token is signed with a key this service does not hold.")
         try:
-            return jwt.decode(
+            claims = jwt.decode(
                 token,
                 key.verifying,
                 algorithms=[ring.algorithm],  # RFC 8725 §3.1: pinned, never from the header
@@ -117,6 +117,9 @@ class Tokens:
         except jwt.PyJWTError as error:  # InvalidKeyError included: never a 500
             message = next((text for kind_, text in REFUSALS if isinstance(error, kind_)), None)
             raise InvalidToken(message or "The token is not valid.") from None
+        if not all(isinstance(claims[name], str) for name in ("sub", "sid", "jti")):
+            raise InvalidToken("The token's claims are not of the right type.")
+        return claims
 
     def _claims(self, session: Session, jti: str, now: int, expires_at: int) -> dict[str, Any]:
         return {
@@ -203,7 +206,6 @@ def token_required(view: Callable) -> Callable:
         g.user = current_app.extensions["users"].get(session.user)
         if g.user is None:
             raise invalid_access_token("Its account no longer exists.", "Log in again.")
-        g.session = session
         return view(**kwargs)
 
     return wrapped

@@ -24,6 +24,7 @@ import yaml
 from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from limits.storage import MemoryStorage, RedisStorage
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import WSGIRequestHandler
 
 from auth import ACCESS, REFRESH, InvalidToken, Tokens, token_required
@@ -113,8 +114,9 @@ def refresh() -> Response:
     if current_app.extensions["users"].get(session.user) is None:
         current_app.extensions["store"].end(sid, session.user, now)  # the account was removed
         raise invalid_refresh_token("This refresh token's account no longer exists.")
-    # RFC 9700 §4.14.2 allows a grace period: the token just spent, retried within
-    # REFRESH_REUSE_GRACE seconds (two tabs, a lost answer), gets the same current token.
+    # A grace window relaxes RFC 9700 §4.14.2's rotation as Auth0, Ory Hydra and Supabase
+    # do: the token just spent, retried within REFRESH_REUSE_GRACE seconds (two tabs, a
+    # lost answer), gets the same current token.
     audit("refresh_replayed" if outcome is Rotation.REPLAYED else "refreshed",
           user=session.user, session=sid[:8])  # fmt: skip
     return token_response(session, now, in_cookie)
@@ -152,7 +154,8 @@ def end_sessions(claims: dict[str, Any], scope: str) -> None:
     if scope != "local" and session is not None and policy.is_current(session, claims, now):
         ended = store.end_all(user, keep=sid if scope == "others" else None)
     else:
-        # A spent token may end its own session, never the others: it may be a thief's.
+        # A token spent before the grace window may be a thief's: it ends its own session,
+        # never the others.
         scope = "local"
         ended = [sid] if store.end(sid, user, now) else []
     audit("logout", user=user, session=sid[:8], scope=scope)
@@ -294,6 +297,11 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     settings = load_settings(env, app.logger)
     app.config.update(settings)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    if settings["TRUSTED_PROXIES"]:
+        # Behind a TLS proxy, the client's address and scheme come from its X-Forwarded-*
+        # headers, which are trusted only from that many proxies (Werkzeug ProxyFix).
+        hops = settings["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
     policy = app.extensions["policy"] = Policy(
         idle_ttl=settings["SESSION_IDLE_TTL"],
@@ -372,6 +380,11 @@ def load_users(settings: dict[str, Any], log: logging.Logger) -> Users:
             users.add(settings["DEMO_USER_EMAIL"], settings["DEMO_USER_PASSWORD"])
         except ValueError:
             raise ConfigError("DEMO_USER_EMAIL already has an account in USERS_FILE.") from None
+    if settings["APP_ENV"] == "production" and not from_cli and not len(users):
+        raise ConfigError(
+            "Production has no accounts: set USERS_FILE to a file that "
+            "`flask --app server users add EMAIL` fills."
+        )
     return users
 
 

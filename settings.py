@@ -78,6 +78,7 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         "DEMO_USER_EMAIL": env.get("DEMO_USER_EMAIL") or "demo@example.com",
         "DEMO_USER_PASSWORD": env.get("DEMO_USER_PASSWORD") or None,
         "INTROSPECTION_CLIENTS": _clients(env, "INTROSPECTION_CLIENTS"),
+        "TRUSTED_PROXIES": _integer(env, "TRUSTED_PROXIES", 0, minimum=0, maximum=5),
         "HOST": env.get("HOST") or "127.0.0.1",
         "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
         "REDIS_URL": _redis_url(env, "REDIS_URL"),
@@ -163,9 +164,11 @@ def _redis_url(env: Mapping[str, str], name: str) -> str | None:
 def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name) or default
     try:
-        parse_many(raw)
+        limits = parse_many(raw)
     except ValueError:
-        raise ConfigError(f"{name} must read like '10 per 15 minutes', not {raw!r}.") from None
+        limits = []
+    if len(limits) != 1:  # one limit a setting: the others would be silently ignored
+        raise ConfigError(f"{name} must read like '10 per 15 minutes', not {raw!r}.")
     return raw
 
 
@@ -191,9 +194,9 @@ def _check_server_fit(
 ) -> None:
     if server is None:
         return
-    for name in randoms:
+    if randoms:
         # Each worker would draw its own random key, and reject the others' tokens.
-        raise ConfigError(f"{name} must be set under {server}, whose workers must share it.")
+        raise ConfigError(f"{randoms[0]} must be set under {server}, whose workers must share it.")
     if production and not settings["REDIS_URL"]:
         # Each worker would keep its own sessions: a session ended in one lives on in another.
         raise ConfigError(

@@ -160,8 +160,10 @@ class MemoryStore:
     ) -> tuple[Rotation, Session | None]:
         with self._lock:
             session = self._sessions.get(sid)
-            if session is None or session.user != user or not session.live(now):
+            if session is None or not session.live(now):
                 self._drop(sid)
+                return Rotation.UNKNOWN, None
+            if session.user != user:  # not this user's: refuse, end nothing
                 return Rotation.UNKNOWN, None
             if jti == session.jti:
                 session.previous_jti, session.rotated_at = jti, now
@@ -268,8 +270,11 @@ local function touch(index, sid)
     redis.call('ZADD', index, string.format('%.3f', score), sid)
 end
 local function expire_with(index, deadline)
-    if redis.call('TTL', index) < 0 then redis.call('EXPIREAT', index, deadline)
-    else redis.call('EXPIREAT', index, deadline, 'GT') end
+    -- Never shortened, since later sessions may remain (EXPIRETIME and GT need Redis 7).
+    local ttl = redis.call('TTL', index)
+    if ttl < 0 or tonumber(redis.call('TIME')[1]) + ttl < tonumber(deadline) then
+        redis.call('EXPIREAT', index, deadline)
+    end
 end
 """
 

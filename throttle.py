@@ -56,7 +56,14 @@ class LoginGuard:
     def count_attempt(self, email: str, address: str) -> None:
         """Count one login attempt on every limit; raise the 429 of the first that is full."""
         # NIST SP 800-63B §5.2.2 and OWASP Authentication Cheat Sheet: limit failed attempts.
-        for limit, identifiers in self._identifiers(email.lower(), address):
+        address_limit, *limits = self._identifiers(email.lower(), address)
+        # A full address is refused before anything is counted: a flood of new emails from
+        # one address adds no counters of its own.
+        if not self._limiter.test(address_limit[0].item, "address", address):
+            raise self._throttled(*address_limit)
+        # Then the most specific first, so that an attempt refused for its email and address
+        # is not counted against the account: one address cannot lock an account out.
+        for limit, identifiers in [*limits, address_limit]:
             # hit() adds the attempt only if the window has room, in one atomic step.
             if not self._limiter.hit(limit.item, limit.name, *identifiers):
                 raise self._throttled(limit, identifiers)
@@ -104,8 +111,7 @@ class LoginGuard:
             self._slots.release()
 
     def _identifiers(self, email: str, address: str) -> list[tuple[Limit, tuple[str, ...]]]:
-        # The address first: once it is full, a flood of new emails adds no counter of its own.
-        keys = {"address": (address,), "account": (email,), "email_address": (email, address)}
+        keys = {"address": (address,), "email_address": (email, address), "account": (email,)}
         return [(self._limits[name], keys[name]) for name in keys]
 
     def _throttled(self, limit: Limit, identifiers: tuple[str, ...]) -> APIError:

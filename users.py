@@ -109,6 +109,10 @@ class Users:
             return self._rehash(user, password)
         return user
 
+    def __len__(self) -> int:
+        """Count the accounts."""
+        return len(self._by_id)
+
     def get(self, user_id: str) -> User | None:
         """Return the user with this id, or None."""
         return self._by_id.get(user_id)
@@ -294,7 +298,12 @@ def remove_user(email: str) -> None:
         raise click.ClickException(f"{path} has no account for {email}.")
     del lines[account[0] - 1]
     _write_lines(path, lines)
-    click.echo(f"Removed {email} from {path}; a running server forgets it when restarted.")
+    # OWASP ASVS 3.3.3: the account's sessions end with it (those in Redis, shared by all).
+    ended = current_app.extensions["store"].end_all(_user_id(email))
+    click.echo(
+        f"Removed {email} from {path} and ended {len(ended)} of its sessions in the store; "
+        "a running server forgets the account when restarted."
+    )
 
 
 def _users_file() -> str:

@@ -582,3 +582,41 @@ def test_the_access_log_shows_session_ids_as_prefixes_only(tmp_path):
     log = log_path.read_text()
     assert f"/sessions/{sid[:8]}..." in log
     assert sid not in log
+
+
+def test_one_address_cannot_lock_an_account_out_for_others(client):
+    # NIST SP 800-63B §5.2.2: attempts refused for their email and address do not count
+    # against the account, so one address spends at most its own limit on it.
+    config = TEST_CONFIG | {
+        "LOGIN_RATE_LIMIT": "2 per minute",
+        "LOGIN_ACCOUNT_RATE_LIMIT": "5 per day",
+    }  # noqa: E501
+    client = create_app(config).test_client()
+    attacker = {"REMOTE_ADDR": "198.51.100.66"}
+    statuses = [
+        client.post("/login", json=WRONG, environ_base=attacker).status_code for _ in range(8)
+    ]  # noqa: E501
+    assert statuses == [401, 401] + [429] * 6
+    assert (
+        client.post("/login", json=DEMO, environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code
+        == 200
+    )  # noqa: E501
+
+
+def test_a_token_of_ours_with_claims_of_the_wrong_type_is_refused(client):
+    # Whoever holds the HS256 access secret (another service) could sign one.
+    for sid in ({"a": 1}, 5, ["x"]):
+        token = sign("access", claims("access", sid=sid))
+        response = client.get("/me", headers={"Authorization": f"Bearer {token}"})
+        assert (response.status_code, response.json["error"]) == (401, "invalid_token")
+
+
+@pytest.mark.parametrize("limit", ["2 per minute; 1000 per day", "", "nonsense"])
+def test_a_limit_setting_holds_exactly_one_limit(limit):
+    from settings import ConfigError, load_settings
+
+    if limit == "":
+        assert load_settings({"LOGIN_RATE_LIMIT": limit}, logging.getLogger("test"))  # default
+        return
+    with pytest.raises(ConfigError, match="LOGIN_RATE_LIMIT"):
+        load_settings({"LOGIN_RATE_LIMIT": limit}, logging.getLogger("test"))

@@ -353,8 +353,8 @@ def test_development_allows_equal_secrets_with_a_warning(caplog):
 def test_production_has_no_demo_user_by_default():
     """OWASP ASVS 2.1: no well-known credentials where it counts."""
     assert load_settings(PRODUCTION, LOG)["DEMO_USER_PASSWORD"] is None
-    app = create_app(PRODUCTION)
-    assert app.test_client().post("/login", json=DEMO).status_code == 401
+    with pytest.raises(ConfigError, match="Production has no accounts: set USERS_FILE"):
+        create_app(PRODUCTION)  # and without the demo account, it would have none at all
 
 
 def test_production_demo_user_when_password_set():
@@ -913,3 +913,26 @@ def test_a_cookie_request_is_checked_before_its_token_is_read(client):
     client.set_cookie("csrf_token", "same", path="/")
     page = {"X-CSRF-Token": "same"}
     assert client.post("/logout", json=COOKIE, headers=page).status_code == 204
+
+
+# --- behind a proxy ----------------------------------------------------------------------
+
+
+def test_forwarded_headers_count_only_from_trusted_proxies():
+    # OWASP: X-Forwarded-For is any client's to forge unless a proxy we trust sets it.
+    forged = {"X-Forwarded-For": "203.0.113.9"}
+    for proxies, expected in (("0", "127.0.0.1"), ("1", "203.0.113.9")):
+        client = create_app(TEST_CONFIG | {"TRUSTED_PROXIES": proxies}).test_client()
+        tokens = client.post("/login", json=DEMO, headers=forged).json
+        bearer = {"Authorization": f"Bearer {tokens['accessToken']}"}
+        assert client.get("/sessions", headers=bearer).json["sessions"][0]["ip"] == expected
+
+
+def test_behind_a_tls_proxy_the_page_origin_is_https():
+    client = create_app(TEST_CONFIG | {"TRUSTED_PROXIES": "1"}).test_client()
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "auth.example.com"}
+    response = client.post("/login", json=DEMO | {"refreshTokenTransport": "cookie"}, headers=https)
+    csrf = client.get_cookie("csrf_token").value
+    headers = https | {"Origin": "https://auth.example.com", "X-CSRF-Token": csrf}
+    response = client.post("/token", json={"refreshTokenTransport": "cookie"}, headers=headers)
+    assert response.status_code == 200, response.json

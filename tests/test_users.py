@@ -11,6 +11,7 @@ from werkzeug.security import generate_password_hash
 
 import users
 from settings import ConfigError
+from store import MemoryStore, Policy
 from users import Users, users_cli
 
 # Taken when this module is imported, before conftest's autouse fixture swaps in a cheap one.
@@ -235,6 +236,7 @@ def users_file(tmp_path):
 def cli(users_file):
     app = Flask(__name__)
     app.config["USERS_FILE"] = str(users_file)
+    app.extensions["store"] = MemoryStore()
     app.cli.add_command(users_cli)
     runner = app.test_cli_runner()
 
@@ -378,3 +380,19 @@ def test_the_readme_production_path_through_the_real_flask_command(tmp_path, sta
     alice = {"email": "alice@example.com", "password": "alice's password"}
     assert call(url, "POST", "/login", alice)[0] == 200
     assert call(url, "POST", "/login", DEMO)[0] == 401
+
+
+def test_remove_ends_the_accounts_sessions(cli, users_file):
+    # OWASP ASVS 3.3.3: an account removed (or re-added with a new password) keeps no session.
+    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
+    store, now = cli.app.extensions["store"], 1_800_000_000
+    alice = users.Users.load(
+        str(users_file), required=True, log=logging.getLogger("t")
+    ).authenticate(  # noqa: E501
+        "alice@example.com", "secret"
+    )
+    session = Policy().new_session(alice.id, now, "curl", "127.0.0.1")
+    store.start(session, now)
+    result = cli("remove", "alice@example.com")
+    assert "ended 1 of its sessions" in result.output
+    assert store.get(session.id, now) is None
