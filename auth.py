@@ -78,10 +78,8 @@ class Tokens:
 
     def csrf_matches(self, sid: str, sent: str) -> bool:
         """Tell whether ``sent`` is the session's CSRF token under any refresh key we hold."""
-        sent_bytes = sent.encode("utf-8", "surrogatepass")
         return any(
-            hmac.compare_digest(sent_bytes, _csrf_digest(key.verifying, sid).encode())
-            for key in self.refresh_keys.keys
+            same_text(sent, _csrf_digest(key.verifying, sid)) for key in self.refresh_keys.keys
         )
 
     def decode(self, token: str, kind: str) -> dict[str, Any]:
@@ -154,6 +152,15 @@ def unverified_header(token: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise InvalidToken("The token is malformed.")
     return header
+
+
+def same_text(sent: str, expected: str) -> bool:
+    """Compare two strings in constant time, whatever characters a client put in them."""
+    # compare_digest refuses non-ASCII str; header and cookie values may hold any character.
+    sent_bytes, expected_bytes = (
+        text.encode("utf-8", "surrogatepass") for text in (sent, expected)
+    )
+    return hmac.compare_digest(sent_bytes, expected_bytes)
 
 
 def _csrf_digest(secret: str, sid: str) -> str:

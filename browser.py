@@ -7,11 +7,11 @@ our page sent it (CSRF). Without the switch nothing here applies: curl and Postm
 refresh token in the body, and the routes read the same either way.
 """
 
-import hmac
 from typing import Any
 
 from flask import Response, current_app, request
 
+from auth import same_text
 from errors import APIError
 
 REFRESH_COOKIE, CSRF_COOKIE, CSRF_HEADER = "refresh_token", "csrf_token", "X-CSRF-Token"
@@ -45,7 +45,7 @@ def cookie_refresh_token() -> str:
         raise APIError(403, "csrf_failed", "Cookie requests must come from this service's page.")
     # ...and the double-submit cookie, which only a page of this origin can read.
     sent, cookie = request.headers.get(CSRF_HEADER, ""), request.cookies.get(CSRF_COOKIE, "")
-    if not sent or not hmac.compare_digest(_bytes(sent), _bytes(cookie)):
+    if not sent or not same_text(sent, cookie):
         raise csrf_failed()
     return request.cookies.get(REFRESH_COOKIE, "")
 
@@ -83,8 +83,3 @@ def page_headers(response: Response) -> Response:
     """Give the page and its files the browser's protections."""
     response.headers.update(PAGE_HEADERS)
     return response
-
-
-def _bytes(text: str) -> bytes:
-    # compare_digest refuses non-ASCII str; header and cookie values may hold any character.
-    return text.encode("utf-8", "surrogatepass")

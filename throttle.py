@@ -37,8 +37,16 @@ SLOT_WAIT = 2
 T = TypeVar("T")
 
 
+class Throttled(APIError):
+    """The 429 of a full limit; ``limit`` names it for the audit line, never for the client."""
+
+    limit = ""
+
+
 @dataclass(frozen=True)
 class Limit:
+    """One moving-window limit and its name."""
+
     name: str  # named in the audit line, never in the answer
     item: RateLimitItem
 
@@ -114,11 +122,11 @@ class LoginGuard:
         keys = {"address": (address,), "email_address": (email, address), "account": (email,)}
         return [(self._limits[name], keys[name]) for name in keys]
 
-    def _throttled(self, limit: Limit, identifiers: tuple[str, ...]) -> APIError:
+    def _throttled(self, limit: Limit, identifiers: tuple[str, ...]) -> Throttled:
         stats = self._limiter.get_window_stats(limit.item, limit.name, *identifiers)
         is_client = limit.name.startswith("client")
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        error = APIError(
+        error = Throttled(
             429,
             "too_many_requests",
             f"Too many failed {'authentications' if is_client else 'logins'}; "
@@ -126,5 +134,5 @@ class LoginGuard:
             # RFC 6585 §4: a 429 may say in Retry-After how long to wait.
             {"Retry-After": str(retry_after)},
         )
-        error.limit = limit.name  # for the audit line
+        error.limit = limit.name
         return error
