@@ -16,6 +16,7 @@ from flask import current_app, g, request
 from errors import APIError
 from keys import KeyRing
 from store import Session, new_id
+from users import User
 
 # RFC 8725 §3.11: each kind of token says what it is in its `typ` header (RFC 9068 names at+jwt).
 ACCESS = "at+jwt"
@@ -40,6 +41,10 @@ REFUSALS = [
 
 class InvalidToken(Exception):
     """The token is not one of ours, or not any longer."""
+
+
+class SessionEnded(InvalidToken):
+    """The token is ours, but its session, or its account, is gone."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,19 @@ def invalid_access_token(
     )
 
 
+def live_session(claims: dict[str, Any]) -> tuple[Session, User]:
+    """Return the live session a valid token names, and its account; else raise SessionEnded."""
+    # OWASP JWT Cheat Sheet (token revocation): a token lives only while its session does;
+    # one lookup, and no deny list to keep.
+    session = current_app.extensions["store"].get(claims["sid"], int(time.time()))
+    if session is None or session.user != claims["sub"]:
+        raise SessionEnded("Its session has ended.")
+    user = current_app.extensions["users"].get(session.user)
+    if user is None:
+        raise SessionEnded("Its account no longer exists.")
+    return session, user
+
+
 def token_required(view: Callable) -> Callable:
     """Let the request through only with a live session's access token of an account that
     still exists; put the claims, the session and the user on ``g``."""
@@ -203,16 +221,11 @@ def token_required(view: Callable) -> Callable:
             )
         try:
             g.claims = current_app.extensions["tokens"].decode(token, ACCESS)
+            _, g.user = live_session(g.claims)
+        except SessionEnded as error:
+            raise invalid_access_token(str(error), "Log in again.") from None
         except InvalidToken as error:
             raise invalid_access_token(str(error)) from None
-        # OWASP JWT Cheat Sheet (token revocation): an access token lives only while its
-        # session does; one lookup, and no deny list to keep.
-        session = current_app.extensions["store"].get(g.claims["sid"], int(time.time()))
-        if session is None or session.user != g.claims["sub"]:
-            raise invalid_access_token("Its session has ended.", "Log in again.")
-        g.user = current_app.extensions["users"].get(session.user)
-        if g.user is None:
-            raise invalid_access_token("Its account no longer exists.", "Log in again.")
         return view(**kwargs)
 
     return wrapped

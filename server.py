@@ -26,7 +26,15 @@ from limits.storage import MemoryStorage, RedisStorage
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import WSGIRequestHandler
 
-from auth import ACCESS, REFRESH, InvalidToken, Tokens, same_text, token_required
+from auth import (
+    ACCESS,
+    REFRESH,
+    InvalidToken,
+    Tokens,
+    live_session,
+    same_text,
+    token_required,
+)
 from browser import (
     check_csrf_session,
     cookie_refresh_token,
@@ -240,13 +248,9 @@ def active_claims(token: str, kind: str) -> dict[str, Any] | None:
     """Return the introspection answer for a live token of this kind, or None."""
     try:
         claims = current_app.extensions["tokens"].decode(token, kind)
-    except InvalidToken:
+        session, _ = live_session(claims)
+    except InvalidToken:  # not ours, or its session or account is gone
         return None
-    session = current_app.extensions["store"].get(claims["sid"], int(time.time()))
-    if session is None or session.user != claims["sub"]:
-        return None
-    if current_app.extensions["users"].get(session.user) is None:
-        return None  # the account was removed
     if kind == REFRESH and claims["jti"] != session.jti:
         return None  # spent: only a session's current refresh token is active
     token_type = "access_token" if kind == ACCESS else "refresh_token"

@@ -45,10 +45,14 @@ class Session:
     previous_jti: str = ""  # the token the last rotation spent...
     rotated_at: int = 0  # ...and when: a retry within the grace window is no theft
 
+    @property
+    def deadline(self) -> int:
+        """When the session ends unless used: the idle deadline, never after the absolute."""
+        return self.idle_expires_at or self.expires_at  # Policy caps idle at expires_at
+
     def live(self, now: int) -> bool:
         """Tell whether neither deadline has passed."""
-        deadline = self.idle_expires_at or self.expires_at
-        return now < min(deadline, self.expires_at)
+        return now < self.deadline
 
 
 @dataclass(frozen=True)
@@ -380,7 +384,7 @@ class RedisStore:
 
     def start(self, session: Session, now: int) -> list[str]:
         pairs = [value for pair in zip(FIELDS, to_fields(session), strict=True) for value in pair]
-        deadline = min(session.idle_expires_at or session.expires_at, session.expires_at)
+        deadline = session.deadline
         args = [self._prefix, now, self._policy.max_sessions, session.id, deadline, *pairs]
         return [sid.decode() for sid in self._start(keys=[self._index(session.user)], args=args)]
 
