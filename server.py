@@ -96,13 +96,10 @@ def refresh() -> Response:
     """Trade a refresh token for a new pair; the presented one is spent (RFC 9700 §4.14.2)."""
     body = json_body()
     in_cookie = wants_cookie(body)
-    token = cookie_refresh_token() if in_cookie else text_field(body, "refreshToken")
     try:
-        claims = current_app.extensions["tokens"].decode(token, REFRESH)
+        claims = presented_refresh_claims(body, in_cookie)
     except InvalidToken as error:
         raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
-    if in_cookie:
-        check_csrf_session(claims["sid"])
     now, sid = int(time.time()), claims["sid"]
     outcome, session = current_app.extensions["store"].rotate(
         sid, claims["jti"], new_jti=new_id(), user=claims["sub"], now=now, ip=request.remote_addr
@@ -136,19 +133,25 @@ def logout() -> Response:
         message = "The field 'scope' must be 'local', 'others' or 'global'."
         raise APIError(400, "invalid_field", message)
     in_cookie = wants_cookie(body)
-    token = cookie_refresh_token() if in_cookie else text_field(body, "refreshToken")
     try:
-        claims = current_app.extensions["tokens"].decode(token, REFRESH)
+        claims = presented_refresh_claims(body, in_cookie)
     except InvalidToken:
         pass  # Logging out is idempotent: an unknown or spent token has no session to end.
     else:
-        if in_cookie:
-            check_csrf_session(claims["sid"])
         end_sessions(claims, scope)
     response = current_app.response_class(status=204)
     if in_cookie and scope != "others":
         set_session_cookies(response)  # empty, expiring now: the browser drops them
     return response
+
+
+def presented_refresh_claims(body: dict[str, Any], in_cookie: bool) -> dict[str, Any]:
+    """Return the claims of the refresh token in the body, or in the cookie (CSRF checked)."""
+    token = cookie_refresh_token() if in_cookie else text_field(body, "refreshToken")
+    claims = current_app.extensions["tokens"].decode(token, REFRESH)
+    if in_cookie:
+        check_csrf_session(claims["sid"])  # the CSRF token must be this session's own
+    return claims
 
 
 def end_sessions(claims: dict[str, Any], scope: str) -> None:
