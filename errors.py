@@ -34,13 +34,18 @@ def register_error_handlers(app: Flask) -> None:
 
 def handle_http_error(error: HTTPException) -> Response:
     """Answer an HTTP error, ours or Flask's, with the JSON shape."""
-    code = getattr(error, "error", None) or re.sub(r"\W+", "_", (error.name or "error").lower())
+    code = getattr(error, "error", None) or error_code(error.name or "error")
     response = jsonify(error=code, message=error.description)
     response.status_code = error.code or 500
     for name, value in error.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value
     return response
+
+
+def error_code(reason: str) -> str:
+    """Return the snake_case code of an HTTP reason phrase: "Not Found" is not_found."""
+    return re.sub(r"\W+", "_", reason.lower())
 
 
 def store_unavailable(error: redis.RedisError) -> Response:

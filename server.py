@@ -42,7 +42,7 @@ from browser import (
     set_session_cookies,
     wants_cookie,
 )
-from errors import APIError, register_error_handlers
+from errors import APIError, error_code, register_error_handlers
 from keys import eddsa_ring, hmac_ring
 from settings import ConfigError, load_settings
 from store import REDIS_OPTIONS, MemoryStore, Policy, RedisStore, Rotation, Session, new_id
@@ -504,7 +504,7 @@ class QuietRequestHandler(WSGIRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
         """Answer a request too broken to reach the app in the JSON shape, never echoing it."""
         reason = self.responses.get(code, ("Error",))[0]
-        body = json.dumps({"error": re.sub(r"\W+", "_", reason.lower()), "message": reason})
+        body = json.dumps({"error": error_code(reason), "message": reason})
         self.send_response(code, reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("X-Content-Type-Options", "nosniff")
