@@ -1,8 +1,12 @@
-"""Tokens: minting and checking both kinds, and the decorator that guards a route."""
+"""Tokens: minting and checking both kinds, and the decorator that guards a route.
+
+An access token is short-lived and opens the API; a refresh token lives as long as its
+session and only buys new access tokens at ``POST /token``. Each kind has its own key and
+says what it is in its header, so one can never pass for the other.
+"""
 
 import base64
 import functools
-import hashlib
 import hmac
 import json
 import time
@@ -11,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from flask import current_app, g, request
+from flask import Flask, current_app, g, request
 
 from errors import APIError
-from keys import KeyRing
-from store import Session, new_id
-from users import User
+from keys import KeyRing, eddsa_ring, hmac_ring
+from store import Session, get_store, new_id
+from users import User, get_users
 
 # RFC 8725 §3.11: each kind of token says what it is in its `typ` header (RFC 9068 names at+jwt).
 ACCESS = "at+jwt"
@@ -70,22 +74,8 @@ class Tokens:
         HS256 is deterministic, so the token follows from the session's stored jti and iat:
         a retry within the grace window gets exactly what the first answer had.
         """
-        claims = self._claims(session, session.jti, session.issued_at, session.expires_at)
+        claims = self._claims(session, session.jti, session.last_used_at, session.expires_at)
         return self._sign(claims, self.refresh_keys, REFRESH)
-
-    def csrf_token(self, sid: str) -> str:
-        """Return the CSRF token of a session, bound to it by the refresh signing key.
-
-        OWASP CSRF Prevention Cheat Sheet, signed double-submit cookie: a forger cannot make
-        one, and one stolen from another session does not fit this one.
-        """
-        return _csrf_digest(self.refresh_keys.signing.verifying, sid)
-
-    def csrf_matches(self, sid: str, sent: str) -> bool:
-        """Tell whether ``sent`` is the session's CSRF token under any refresh key we hold."""
-        return any(
-            same_text(sent, _csrf_digest(key.verifying, sid)) for key in self.refresh_keys.keys
-        )
 
     def decode(self, token: str, kind: str) -> dict[str, Any]:
         """Return the claims of a valid token of this kind, or raise InvalidToken."""
@@ -107,7 +97,7 @@ class Tokens:
         try:
             claims = jwt.decode(
                 token,
-                key.verifying,
+                key.public,
                 algorithms=[ring.algorithm],  # RFC 8725 §3.1: pinned, never from the header
                 # RFC 8725 §3.8-3.9: the token must come from us and be meant for us.
                 issuer=self.issuer,
@@ -128,7 +118,7 @@ class Tokens:
         return {
             "iss": self.issuer,
             "aud": self.audience,
-            "sub": session.user,
+            "sub": session.user_id,
             "sid": session.id,
             "iat": now,
             "exp": expires_at,
@@ -137,9 +127,9 @@ class Tokens:
 
     @staticmethod
     def _sign(claims: dict[str, Any], ring: KeyRing, kind: str) -> str:
-        key = ring.signing
+        key = ring.current
         return jwt.encode(
-            claims, key.signing, ring.algorithm, headers={"typ": kind, "kid": key.kid}
+            claims, key.private, ring.algorithm, headers={"typ": kind, "kid": key.kid}
         )
 
 
@@ -168,11 +158,6 @@ def same_text(sent: str, expected: str) -> bool:
     return hmac.compare_digest(sent_bytes, expected_bytes)
 
 
-def _csrf_digest(secret: str, sid: str) -> str:
-    digest = hmac.new(secret.encode(), f"csrf:{sid}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
 def bearer_token() -> str | None:
     """Return the token of an ``Authorization: Bearer`` header (RFC 6750 §2.1), or None."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -195,13 +180,18 @@ def live_session(claims: dict[str, Any]) -> tuple[Session, User]:
     """Return the live session a valid token names, and its account; else raise SessionEnded."""
     # OWASP JWT Cheat Sheet (token revocation): a token lives only while its session does;
     # one lookup, and no deny list to keep.
-    session = current_app.extensions["store"].get(claims["sid"], int(time.time()))
-    if session is None or session.user != claims["sub"]:
+    session = get_store().get(claims["sid"], int(time.time()))
+    if session is None or session.user_id != claims["sub"]:
         raise SessionEnded("Its session has ended.")
-    user = current_app.extensions["users"].get(session.user)
+    return session, live_account(session)
+
+
+def live_account(session: Session) -> User:
+    """Return the account of a session; raise SessionEnded if it was removed meanwhile."""
+    user = get_users().get(session.user_id)
     if user is None:
         raise SessionEnded("Its account no longer exists.")
-    return session, user
+    return user
 
 
 def token_required(view: Callable) -> Callable:
@@ -220,7 +210,7 @@ def token_required(view: Callable) -> Callable:
                 {"WWW-Authenticate": 'Bearer realm="api"'},
             )
         try:
-            g.claims = current_app.extensions["tokens"].decode(token, ACCESS)
+            g.claims = get_tokens().decode(token, ACCESS)
             _, g.user = live_session(g.claims)
         except SessionEnded as error:
             raise invalid_access_token(str(error), "Log in again.") from None
@@ -229,3 +219,35 @@ def token_required(view: Callable) -> Callable:
         return view(**kwargs)
 
     return wrapped
+
+
+def init_app(app: Flask) -> None:
+    """Give the app its Tokens: the keys of each kind, from the settings."""
+    config = app.config
+    if config["ACCESS_TOKEN_ALGORITHM"] == "HS256":
+        access_keys = hmac_ring(
+            config["ACCESS_TOKEN_SECRET"], config["ACCESS_TOKEN_PREVIOUS_SECRETS"]
+        )
+    else:
+        access_keys = eddsa_ring(
+            config["ACCESS_TOKEN_PRIVATE_KEY_FILE"],
+            config["ACCESS_TOKEN_PREVIOUS_PUBLIC_KEY_FILES"],
+            app.logger,
+            # A key made per process serves one development process; never production's workers.
+            allow_generated=config["APP_ENV"] == "development" and not config["SERVER"],
+        )
+    app.extensions["tokens"] = Tokens(
+        access_keys=access_keys,
+        refresh_keys=hmac_ring(
+            config["REFRESH_TOKEN_SECRET"], config["REFRESH_TOKEN_PREVIOUS_SECRETS"]
+        ),
+        access_ttl=config["ACCESS_TOKEN_TTL"],
+        issuer=config["JWT_ISSUER"],
+        audience=config["JWT_AUDIENCE"],
+        leeway=config["JWT_LEEWAY"],
+    )
+
+
+def get_tokens() -> Tokens:
+    """Return the app's Tokens."""
+    return current_app.extensions["tokens"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, current_app, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 
 class APIError(HTTPException):
@@ -32,10 +32,22 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(redis.RedisError, store_unavailable)
 
 
+def error_body(code: str, message: str | None) -> dict[str, str | None]:
+    """Return the one JSON shape of every error."""
+    return {"error": code, "message": message}
+
+
+def body_too_large() -> APIError:
+    """Return the 413 of a body over the bound, however it was framed (RFC 9110 §15.5.14)."""
+    return APIError(413, "request_entity_too_large", "The request body is over 64 KiB.")
+
+
 def handle_http_error(error: HTTPException) -> Response:
     """Answer an HTTP error, ours or Flask's, with the JSON shape."""
+    if isinstance(error, RequestEntityTooLarge):  # Werkzeug's own, from Content-Length
+        error = body_too_large()
     code = getattr(error, "error", None) or error_code(error.name or "error")
-    response = jsonify(error=code, message=error.description)
+    response = jsonify(error_body(code, error.description))
     response.status_code = error.code or 500
     for name, value in error.get_headers():
         if name.lower() != "content-type":

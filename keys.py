@@ -44,25 +44,25 @@ class Key:
     """One key and its id; a previous key has nothing to sign with and only verifies."""
 
     kid: str
-    signing: Any | None  # what jwt.encode takes: the secret, or an Ed25519PrivateKey
-    verifying: Any  # what jwt.decode takes: the secret, or an Ed25519PublicKey
+    private: Any | None  # what jwt.encode takes: the secret, or an Ed25519PrivateKey
+    public: Any  # what jwt.decode takes: the secret, or an Ed25519PublicKey
     public_jwk: dict[str, str] | None  # RFC 7517: what other services may see; None for HMAC
 
 
 class KeyRing:
     """The keys of one kind of token: the one that signs, and every one that still verifies."""
 
-    def __init__(self, algorithm: str, signing: Key, previous: list[Key]) -> None:
+    def __init__(self, algorithm: str, current: Key, previous: list[Key]) -> None:
         # RFC 8725 §3.1: the algorithm is ours, pinned here, never read from a token's header.
         self.algorithm = algorithm
-        self.signing = signing
-        # Built once, so finding a token's key costs one dict lookup (issue 15: nothing per
-        # token). The signing key comes first and wins if a previous key is the same one.
+        self.current = current  # the key that signs
+        # Built once, so finding a token's key costs one dict lookup. The current key comes
+        # first and wins if a previous key is the same one.
         by_kid: dict[str, Key] = {}
-        for key in [signing, *previous]:
+        for key in [current, *previous]:
             by_kid.setdefault(key.kid, key)
         self._by_kid = by_kid
-        self.keys = tuple(by_kid.values())  # every key that verifies, the signing one first
+        self.keys = tuple(by_kid.values())  # every key that verifies, the current one first
 
     def find(self, kid: object) -> Key | None:
         """Return the current or previous key named ``kid``, or None for any other value."""

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 import redis
+from dotenv import load_dotenv
+from flask import Flask
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidKeyError
 from limits import parse_many
@@ -31,6 +33,14 @@ class ConfigError(click.ClickException):
 def production_server() -> str | None:
     """Return the name of the multi-process server running this app, or None."""
     return next((name for name in PRODUCTION_SERVERS if name in sys.modules), None)
+
+
+def init_app(app: Flask, test_config: Mapping[str, str] | None = None) -> None:
+    """Put the settings in app.config: from the environment and .env, or test_config alone."""
+    app.logger.setLevel(logging.INFO)
+    if test_config is None:
+        load_dotenv(".env")  # the real environment wins over .env
+    app.config.update(load_settings(os.environ if test_config is None else test_config, app.logger))
 
 
 def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]:

@@ -6,9 +6,10 @@ and idle deadlines), and what the user may see of it (when, from where, with whi
 Every access token names its session (``sid``), so one lookup tells whether it still counts.
 Tokens themselves are never stored: their ids are enough.
 
-``MemoryStore`` serves one process (the default); ``RedisStore`` is shared by every worker
-and machine that points at the same Redis. Both take the time (``now``, Unix seconds) from
-the caller, so tests control the clock and every process judges deadlines alike.
+``MemoryStore`` serves one process (the default); ``RedisStore`` (``redis_store.py``) is
+shared by every worker and machine that points at the same Redis. Both take the time (``now``,
+Unix seconds) from the caller, so tests control the clock and every process judges deadlines
+alike.
 """
 
 import dataclasses
@@ -18,9 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from flask import Flask, current_app
 
 
 def new_id() -> str:
@@ -33,17 +32,17 @@ class Session:
     """One login: its current refresh token, its deadlines and what the user may see."""
 
     id: str
-    user: str
+    user_id: str
     jti: str  # the current refresh token's id
-    issued_at: int  # the current refresh token's iat, so it can be minted again identically
     created_at: int
-    last_used_at: int  # the last login or refresh
+    # The last login or rotation: the current refresh token's iat (so it can be minted again
+    # identically), and when the previous one was spent.
+    last_used_at: int
     expires_at: int  # absolute: rotation never moves it (OWASP ASVS 3.3.1)
     idle_expires_at: int | None  # None when the idle timeout is off
     user_agent: str
     ip: str
-    previous_jti: str = ""  # the token the last rotation spent...
-    rotated_at: int = 0  # ...and when: a retry within the grace window is no theft
+    previous_jti: str = ""  # the token the last rotation spent: a retry within grace is no theft
 
     @property
     def deadline(self) -> int:
@@ -64,23 +63,25 @@ class Policy:
     grace: int = 10  # REFRESH_REUSE_GRACE; 0 makes every second use reuse
     lifetime: int = 1_209_600  # REFRESH_TOKEN_TTL: how long a session lives from its login
 
-    def new_session(self, user: str, now: int, user_agent: str, ip: str) -> Session:
+    def new_session(self, user_id: str, now: int, user_agent: str, ip: str) -> Session:
         """Return a session that starts at ``now``, with its first refresh token's id."""
         expires_at = now + self.lifetime
         return Session(
-            new_id(), user, new_id(), now, now, now, expires_at,
+            new_id(), user_id, new_id(), now, now, expires_at,
             self.idle_deadline(now, expires_at), user_agent, ip,
         )  # fmt: skip
 
-    def forgives(self, seconds_since_rotation: int) -> bool:
-        """Tell whether the token spent that long ago may still be retried (RFC 9700 §4.14.2)."""
-        return self.grace > 0 and seconds_since_rotation <= self.grace
+    def accepts(self, session: Session, jti: str, now: int) -> bool:
+        """Tell whether a refresh token is the session's current one, or just spent and forgiven.
 
-    def is_current(self, session: Session, claims: dict, now: int) -> bool:
-        """Tell whether a refresh token is the session's current one, or just spent and forgiven."""
-        jti = claims["jti"]
-        spent_just_now = jti == session.previous_jti and self.forgives(now - session.rotated_at)
-        return jti == session.jti or spent_just_now
+        A grace window relaxes RFC 9700 §4.14.2's rotation as Auth0, Ory Hydra and Supabase
+        do: the token just spent, retried within ``grace`` seconds (two tabs, a lost answer),
+        still counts. The Lua of ROTATE_SCRIPT in redis_store.py is this rule's twin.
+        """
+        if jti == session.jti:
+            return True
+        spent_at = session.last_used_at  # the rotation that spent previous_jti
+        return jti == session.previous_jti and self.grace > 0 and now - spent_at <= self.grace
 
     def idle_deadline(self, now: int, expires_at: int) -> int | None:
         """Return when a session used at ``now`` goes idle: never after its absolute end."""
@@ -91,8 +92,8 @@ class Rotation(enum.Enum):
     """What became of a refresh token presented for rotation."""
 
     ROTATED = "rotated"  # it was the session's current token; the new one replaces it
-    REPLAYED = "replayed"  # it was the one just spent, within the grace window: no change
-    REUSED = "reused"  # it was spent before: the session is now ended
+    FORGIVEN_RETRY = "replayed"  # the one just spent, within the grace window: no change
+    REUSE_ENDED_SESSION = "reused"  # it was spent before: a thief or a victim, the session ends
     UNKNOWN = "unknown"  # no live session: ended, expired or idle
 
 
@@ -102,7 +103,7 @@ class Store(Protocol):
     kind: str  # "memory" or "redis", for GET /healthz
 
     def start(self, session: Session, now: int) -> list[str]:
-        """Add a session; end the user's least recently used ones beyond the cap, and return their ids."""  # noqa: E501
+        """Add a session; end the user's least recently used beyond the cap; return their ids."""
 
     def rotate(
         self, sid: str, jti: str, *, new_jti: str, user: str, now: int, ip: str
@@ -125,7 +126,7 @@ class Store(Protocol):
         """Return if the store answers; raise if it does not."""
 
 
-class MemoryStore:
+class MemoryStore(Store):
     """The store of one process: dictionaries behind one lock.
 
     Lookups are by key, so their cost does not grow with the number of sessions. Ended
@@ -146,16 +147,16 @@ class MemoryStore:
 
     def start(self, session: Session, now: int) -> list[str]:
         with self._lock:
-            for dead in [s for s in self._of_user(session.user) if not s.live(now)]:
+            for dead in [s for s in self._of_user(session.user_id) if not s.live(now)]:
                 self._drop(dead.id)
-            mine = self._by_user.get(session.user, [])
+            mine = self._by_user.get(session.user_id, [])
             evicted = []
             # A cap per user bounds the memory one account can take (OWASP Session Mgmt).
             while len(mine) >= self._policy.max_sessions:
                 evicted.append(mine[0])
                 self._drop(mine[0])
             self._sessions[session.id] = dataclasses.replace(session)  # ours, not the caller's
-            self._by_user.setdefault(session.user, []).append(session.id)
+            self._by_user.setdefault(session.user_id, []).append(session.id)
             self._sweep(now)
             return evicted
 
@@ -167,21 +168,20 @@ class MemoryStore:
             if session is None or not session.live(now):
                 self._drop(sid)
                 return Rotation.UNKNOWN, None
-            if session.user != user:  # not this user's: refuse, end nothing
+            if session.user_id != user:  # not this user's: refuse, end nothing
                 return Rotation.UNKNOWN, None
-            if jti == session.jti:
-                session.previous_jti, session.rotated_at = jti, now
-                session.jti, session.issued_at, session.last_used_at, session.ip = (
-                    new_jti, now, now, ip,
-                )  # fmt: skip
-                session.idle_expires_at = self._policy.idle_deadline(now, session.expires_at)
-                mine = self._by_user[session.user]
-                mine.append(mine.pop(mine.index(sid)))  # now the most recently used
-                return Rotation.ROTATED, dataclasses.replace(session)
-            if jti == session.previous_jti and self._policy.forgives(now - session.rotated_at):
-                return Rotation.REPLAYED, dataclasses.replace(session)
-            self._drop(sid)
-            return Rotation.REUSED, None
+            if not self._policy.accepts(session, jti, now):
+                self._drop(sid)
+                return Rotation.REUSE_ENDED_SESSION, None
+            if jti != session.jti:
+                return Rotation.FORGIVEN_RETRY, dataclasses.replace(session)
+            session.previous_jti, session.jti, session.last_used_at, session.ip = (
+                jti, new_jti, now, ip,
+            )  # fmt: skip
+            session.idle_expires_at = self._policy.idle_deadline(now, session.expires_at)
+            mine = self._by_user[user]
+            mine.append(mine.pop(mine.index(sid)))  # now the most recently used
+            return Rotation.ROTATED, dataclasses.replace(session)
 
     def get(self, sid: str, now: int) -> Session | None:
         with self._lock:
@@ -196,7 +196,7 @@ class MemoryStore:
     def end(self, sid: str, user: str, now: int) -> bool:
         with self._lock:
             session = self._sessions.get(sid)
-            if session is None or session.user != user:
+            if session is None or session.user_id != user:
                 return False
             self._drop(sid)
             return session.live(now)
@@ -223,10 +223,10 @@ class MemoryStore:
         session = self._sessions.pop(sid, None)
         if session is None:
             return
-        mine = self._by_user[session.user]
+        mine = self._by_user[session.user_id]
         mine.remove(sid)
         if not mine:
-            del self._by_user[session.user]
+            del self._by_user[session.user_id]
 
     def _sweep(self, now: int) -> None:
         # One full pass each time the size doubles keeps the cost per login constant.
@@ -237,218 +237,31 @@ class MemoryStore:
         self._swept_at_size = len(self._sessions)
 
 
-# Fail fast when Redis is down: one immediate retry (for a connection Redis dropped while
-# idle), then the error, within seconds, so the client gets its 503 promptly.
-REDIS_OPTIONS = {"socket_timeout": 2, "socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 1)}
-
-# The fields of a session's hash, in the order the scripts below read them.
-FIELDS = ("user", "jti", "iat", "created", "used", "exp", "idle", "ua", "ip", "prev", "rotated")
-
-# Every change below reads and writes in one Lua script: Redis runs a script atomically (no
-# other command in between), so two processes can never both rotate one token, and a global
-# logout racing a refresh never leaves a live session. Each script first drops a session
-# whose deadline has passed by the caller's clock; Redis's own expiry (EXPIREAT) is the
-# garbage collector behind it. The user's index is a sorted set of session ids scored by
-# last use; it expires with the latest of its sessions, so nothing accumulates.
-COMMON = """
-local prefix, now = ARGV[1], tonumber(ARGV[2])
-local function key(sid) return prefix .. 'session:' .. sid end
-local function alive(sid)
-    local exp, idle = unpack(redis.call('HMGET', key(sid), 'exp', 'idle'))
-    return exp and tonumber(exp) > now and (idle == '' or tonumber(idle) > now)
-end
-local function drop(index, sid)
-    redis.call('DEL', key(sid))
-    redis.call('ZREM', index, sid)
-end
-local function touch(index, sid)
-    -- Score a session by its last use; within one second, by order of use, a thousandth
-    -- apart, so that the least recently used is always the lowest.
-    local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
-    local score = now
-    if top[2] then
-        local highest = tonumber(top[2])
-        if top[1] == sid then score = math.max(highest, now)
-        elseif highest >= now then score = highest + 0.001 end
-    end
-    redis.call('ZADD', index, string.format('%.3f', score), sid)
-end
-local function expire_with(index, deadline)
-    -- Never shortened, since later sessions may remain (EXPIRETIME and GT need Redis 7).
-    local ttl = redis.call('TTL', index)
-    if ttl < 0 or tonumber(redis.call('TIME')[1]) + ttl < tonumber(deadline) then
-        redis.call('EXPIREAT', index, deadline)
-    end
-end
-"""
-
-# KEYS: the user's index. ARGV: prefix, now, cap, sid, deadline, then field/value pairs.
-START_SCRIPT = (
-    COMMON
-    + """
-local index, cap, sid, deadline = KEYS[1], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-for _, other in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if not alive(other) then drop(index, other) end
-end
-local evicted = {}
-while redis.call('ZCARD', index) >= cap do
-    local oldest = redis.call('ZRANGE', index, 0, 0)[1]
-    drop(index, oldest)
-    table.insert(evicted, oldest)
-end
-redis.call('HSET', key(sid), unpack(ARGV, 6))
-redis.call('EXPIREAT', key(sid), deadline)
-touch(index, sid)
-expire_with(index, deadline)
-return evicted
-"""
-)
-
-# KEYS: the user's index. ARGV: prefix, now, sid, jti, new jti, ip, grace, idle ttl, then
-# the names of FIELDS. Returns {outcome}, or {outcome, the session's FIELDS after}, where the
-# outcome is 0 unknown, 1 reused, 2 rotated, 3 replayed.
-ROTATE_SCRIPT = (
-    COMMON
-    + """
-local index, sid, jti = KEYS[1], ARGV[3], ARGV[4]
-if not alive(sid) then drop(index, sid) return {0} end
-local current, prev, rotated, exp = unpack(
-    redis.call('HMGET', key(sid), 'jti', 'prev', 'rotated', 'exp'))
-if jti == current then
-    local idle_ttl, idle = tonumber(ARGV[8]), ''
-    if idle_ttl > 0 then idle = math.min(now + idle_ttl, tonumber(exp)) end
-    redis.call('HSET', key(sid), 'jti', ARGV[5], 'iat', now, 'prev', jti, 'rotated', now,
-               'used', now, 'ip', ARGV[6], 'idle', idle)
-    local deadline = idle == '' and exp or idle
-    redis.call('EXPIREAT', key(sid), deadline)
-    touch(index, sid)
-    expire_with(index, deadline)
-    return {2, unpack(redis.call('HMGET', key(sid), unpack(ARGV, 9)))}
-end
-local grace = tonumber(ARGV[7])
-if jti == prev and grace > 0 and now - tonumber(rotated) <= grace then
-    return {3, unpack(redis.call('HMGET', key(sid), unpack(ARGV, 9)))}
-end
-drop(index, sid)
-return {1}
-"""
-)
-
-# KEYS: the user's index. ARGV: prefix, now, the session to keep ('' for none).
-END_ALL_SCRIPT = (
-    COMMON
-    + """
-local index, ended = KEYS[1], {}
-for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if sid ~= ARGV[3] then
-        drop(index, sid)
-        table.insert(ended, sid)
-    end
-end
-return ended
-"""
-)
-
-# KEYS: the user's index. ARGV: prefix, now, the session, the user. Ends only their own.
-END_SCRIPT = (
-    COMMON
-    + """
-local index, sid = KEYS[1], ARGV[3]
-if redis.call('HGET', key(sid), 'user') ~= ARGV[4] then return 0 end
-local was_alive = alive(sid)
-drop(index, sid)
-return was_alive and 1 or 0
-"""
-)
-OUTCOMES = [Rotation.UNKNOWN, Rotation.REUSED, Rotation.ROTATED, Rotation.REPLAYED]
+def init_app(app: Flask) -> None:
+    """Give the app its session policy and, unless redis_store's init_app did, a MemoryStore."""
+    config = app.config
+    policy = app.extensions["policy"] = Policy(
+        idle_ttl=config["SESSION_IDLE_TTL"],
+        max_sessions=config["MAX_SESSIONS_PER_USER"],
+        grace=config["REFRESH_REUSE_GRACE"],
+        lifetime=config["REFRESH_TOKEN_TTL"],
+    )
+    if config["REDIS_URL"]:
+        return  # redis_store.init_app gives the shared store
+    app.extensions["store"] = MemoryStore(policy)
+    if config["SERVER"]:
+        app.logger.warning(
+            "Running under %s with the in-memory store: with more than one worker, each "
+            "worker has its own sessions. Set REDIS_URL.",
+            config["SERVER"],
+        )
 
 
-class RedisStore:
-    """The store shared by every process: a hash per session, a sorted set per user.
-
-    ``session:<id>`` holds the session's fields and expires at its deadline (EXAT);
-    ``user:<id>:sessions`` indexes a user's sessions by last use. Redis errors propagate: the
-    app answers 503 rather than accept a token unchecked.
-    """
-
-    kind = "redis"
-
-    def __init__(self, client: redis.Redis, policy: Policy = Policy(), prefix: str = "jwt:"):
-        self._redis = client
-        self._policy = policy
-        self._prefix = prefix
-        self._start = client.register_script(START_SCRIPT)
-        self._rotate = client.register_script(ROTATE_SCRIPT)
-        self._end = client.register_script(END_SCRIPT)
-        self._end_all = client.register_script(END_ALL_SCRIPT)
-
-    def start(self, session: Session, now: int) -> list[str]:
-        pairs = [value for pair in zip(FIELDS, to_fields(session), strict=True) for value in pair]
-        deadline = session.deadline
-        args = [self._prefix, now, self._policy.max_sessions, session.id, deadline, *pairs]
-        return [sid.decode() for sid in self._start(keys=[self._index(session.user)], args=args)]
-
-    def rotate(
-        self, sid: str, jti: str, *, new_jti: str, user: str, now: int, ip: str
-    ) -> tuple[Rotation, Session | None]:
-        policy = self._policy
-        args = [self._prefix, now, sid, jti, new_jti, ip, policy.grace, policy.idle_ttl, *FIELDS]
-        outcome, *values = self._rotate(keys=[self._index(user)], args=args)
-        if not values:
-            return OUTCOMES[outcome], None
-        return OUTCOMES[outcome], from_fields(sid, [value.decode() for value in values])
-
-    def get(self, sid: str, now: int) -> Session | None:
-        values = self._redis.hmget(self._key(sid), FIELDS)
-        if values[0] is None:
-            return None
-        session = from_fields(sid, [value.decode() for value in values])
-        return session if session.live(now) else None
-
-    def sessions(self, user: str, now: int) -> list[Session]:
-        index = self._index(user)
-        sids = [sid.decode() for sid in self._redis.zrange(index, 0, -1, desc=True)]
-        with self._redis.pipeline(transaction=False) as pipe:
-            for sid in sids:
-                pipe.hmget(self._key(sid), FIELDS)
-            rows = pipe.execute()
-        live = [
-            session
-            for sid, values in zip(sids, rows, strict=True)
-            if values[0] is not None
-            and (session := from_fields(sid, [v.decode() for v in values])).live(now)
-        ]
-        return live  # most recently used first, as the index orders them
-
-    def end(self, sid: str, user: str, now: int) -> bool:
-        return bool(self._end(keys=[self._index(user)], args=[self._prefix, now, sid, user]))
-
-    def end_all(self, user: str, keep: str | None = None) -> list[str]:
-        ended = self._end_all(keys=[self._index(user)], args=[self._prefix, 0, keep or ""])
-        return [sid.decode() for sid in ended]
-
-    def ping(self) -> None:
-        self._redis.ping()
-
-    def _key(self, sid: str) -> str:
-        return f"{self._prefix}session:{sid}"
-
-    def _index(self, user: str) -> str:
-        return f"{self._prefix}user:{user}:sessions"
+def get_store() -> Store:
+    """Return the app's store of sessions."""
+    return current_app.extensions["store"]
 
 
-def to_fields(session: Session) -> list[str | int]:
-    """Return a session's values in the order of FIELDS."""
-    s = session
-    idle = "" if s.idle_expires_at is None else s.idle_expires_at
-    return [s.user, s.jti, s.issued_at, s.created_at, s.last_used_at, s.expires_at, idle,
-            s.user_agent, s.ip, s.previous_jti, s.rotated_at]  # fmt: skip
-
-
-def from_fields(sid: str, values: list[str]) -> Session:
-    """Return the session whose hash holds ``values``, in the order of FIELDS."""
-    user, jti, iat, created, used, exp, idle, ua, ip, prev, rotated = values
-    return Session(
-        sid, user, jti, int(iat), int(created), int(used), int(exp),
-        int(idle) if idle else None, ua, ip, prev, int(rotated),
-    )  # fmt: skip
+def get_policy() -> Policy:
+    """Return the rules the app's sessions follow."""
+    return current_app.extensions["policy"]

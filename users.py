@@ -14,15 +14,21 @@ import secrets
 import stat
 import tempfile
 import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import argon2
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import AppGroup
 from werkzeug.security import check_password_hash
 
+from errors import APIError
 from settings import ConfigError
+from store import get_store
 
 # OWASP Password Storage Cheat Sheet: Argon2id at its first recommended setting,
 # m = 19 MiB, t = 2, p = 1: tens of milliseconds a hash, a tenth of the scrypt used before.
@@ -37,6 +43,9 @@ USABLE_HASH = re.compile(
 MAX_EMAIL_LENGTH = 254
 # OWASP Authentication Cheat Sheet: allow long passphrases, but not input without bound.
 MAX_PASSWORD_LENGTH = 1024
+# Seconds a login waits for a hashing slot before it is told to come back.
+SLOT_WAIT = 2
+T = TypeVar("T")
 
 
 def hash_password(password: str) -> str:
@@ -51,10 +60,35 @@ class User:
     password_hash: str
 
 
+class HashingSlots:
+    """A few threads of their own for password checks, and a wait for a free one.
+
+    OWASP Password Storage Cheat Sheet: memory-hard hashing (19 MiB a check) must not exhaust
+    memory. The threads bound how many checks run at once, and also how much memory stays
+    behind, since the C allocator keeps an arena per thread that has hashed.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="password-check")
+        weakref.finalize(self, self._threads.shutdown, wait=False)
+
+    def run(self, check: Callable[[], T]) -> T:
+        """Run ``check`` on a hashing thread once a slot is free, or answer 503 if none frees up."""
+        if not self._slots.acquire(timeout=SLOT_WAIT):
+            message = "Too many logins are being checked right now. Try again in a second."
+            raise APIError(503, "server_busy", message, {"Retry-After": "1"})
+        try:
+            return self._threads.submit(check).result()
+        finally:
+            self._slots.release()
+
+
 class Users:
     """The accounts that may log in: those of USERS_FILE, and any added in memory (the demo)."""
 
-    def __init__(self, path: str | None, log: logging.Logger) -> None:
+    def __init__(self, path: str | None, log: logging.Logger, max_concurrent: int = 2) -> None:
+        self.hashing = HashingSlots(max_concurrent)  # MAX_CONCURRENT_LOGINS
         self._path = path
         self._log = log
         self._by_email: dict[str, User] = {}
@@ -66,9 +100,11 @@ class Users:
         self._decoy_hash = hash_password(secrets.token_urlsafe(16))
 
     @classmethod
-    def load(cls, path: str | None, required: bool, log: logging.Logger) -> "Users":
+    def load(
+        cls, path: str | None, required: bool, log: logging.Logger, max_concurrent: int = 2
+    ) -> "Users":
         """Read the accounts of USERS_FILE; without it, fail if ``required``, else warn."""
-        users = cls(path, log)
+        users = cls(path, log, max_concurrent)
         if path is None:
             if required:
                 raise ConfigError("USERS_FILE is not set, and the accounts must come from it.")
@@ -98,7 +134,10 @@ class Users:
         return user
 
     def authenticate(self, email: str, password: str) -> User | None:
-        """Return the user these credentials belong to, or None."""
+        """Return the user these credentials belong to, or None; checked on a hashing slot."""
+        return self.hashing.run(lambda: self._check(email, password))
+
+    def _check(self, email: str, password: str) -> User | None:
         user = self._by_email.get(email.lower())
         if user is None:
             _verify(self._decoy_hash, password)  # the same work as for a known email
@@ -299,7 +338,7 @@ def remove_user(email: str) -> None:
     del lines[account[0] - 1]
     _write_lines(path, lines)
     # OWASP ASVS 3.3.3: the account's sessions end with it (those in Redis, shared by all).
-    ended = current_app.extensions["store"].end_all(_user_id(email))
+    ended = get_store().end_all(_user_id(email))
     click.echo(
         f"Removed {email} from {path} and ended {len(ended)} of its sessions in the store; "
         "a running server forgets the account when restarted."
@@ -324,3 +363,32 @@ def _checked_password(password: str) -> str:
     if len(password) > MAX_PASSWORD_LENGTH:
         raise click.BadParameter(f"The password is longer than {MAX_PASSWORD_LENGTH} characters.")
     return password
+
+
+def init_app(app: Flask) -> None:
+    """Read the accounts of USERS_FILE, add the demo account where the settings say, and add
+    the ``flask users`` commands."""
+    config = app.config
+    # The `flask users` commands must run before the file exists: they create it.
+    from_cli = click.get_current_context(silent=True) is not None and not config["SERVER"]
+    path = config["USERS_FILE"]
+    production = config["APP_ENV"] == "production"
+    required = production and path is not None and not from_cli
+    users = Users.load(path, required, app.logger, config["MAX_CONCURRENT_LOGINS"])
+    if config["DEMO_USER_PASSWORD"]:
+        try:
+            users.add(config["DEMO_USER_EMAIL"], config["DEMO_USER_PASSWORD"])
+        except ValueError:
+            raise ConfigError("DEMO_USER_EMAIL already has an account in USERS_FILE.") from None
+    if production and not from_cli and not len(users):
+        raise ConfigError(
+            "Production has no accounts: set USERS_FILE to a file that "
+            "`flask --app server users add EMAIL` fills."
+        )
+    app.extensions["users"] = users
+    app.cli.add_command(users_cli)
+
+
+def get_users() -> Users:
+    """Return the app's accounts."""
+    return current_app.extensions["users"]

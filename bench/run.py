@@ -428,7 +428,7 @@ def redis_bytes_per_session(url: str, n: int, expires_at: int) -> float:
     import redis
 
     from bench.app import fill
-    from store import RedisStore
+    from redis_store import RedisStore
 
     client = redis.Redis.from_url(url)
     prefix = f"bench-{secrets.token_hex(4)}:"

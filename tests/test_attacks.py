@@ -24,7 +24,7 @@ import jwt
 import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 
-import throttle
+import users
 from keys import hmac_kid
 from server import create_app
 
@@ -369,11 +369,11 @@ def test_oversized_credentials_are_refused_before_any_work(live_server, field, v
 
 
 def test_a_login_that_gets_no_hashing_slot_is_a_503(monkeypatch):
-    monkeypatch.setattr(throttle, "SLOT_WAIT", 0.01)
+    monkeypatch.setattr(users, "SLOT_WAIT", 0.01)
     app = create_app(TEST_CONFIG | {"MAX_CONCURRENT_LOGINS": "1"})
-    client, guard = app.test_client(), app.extensions["login_guard"]
+    client, hashing = app.test_client(), app.extensions["users"].hashing
     # Another login is hashing while this one arrives.
-    response = guard.check_password(lambda: client.post("/login", json=DEMO))
+    response = hashing.run(lambda: client.post("/login", json=DEMO))
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert response.json["error"] == "server_busy"

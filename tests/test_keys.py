@@ -68,11 +68,11 @@ def test_hmac_kid_is_stable_short_and_hides_the_secret():
 def test_hmac_ring_signs_with_the_current_secret_and_verifies_with_both():
     ring = hmac_ring(SECRET, [OLD_SECRET])
     assert ring.algorithm == "HS256"
-    assert ring.find(hmac_kid(SECRET)) is ring.signing
-    assert ring.signing.signing == ring.signing.verifying == SECRET
+    assert ring.find(hmac_kid(SECRET)) is ring.current
+    assert ring.current.private == ring.current.public == SECRET
     old = ring.find(hmac_kid(OLD_SECRET))
-    assert old.verifying == OLD_SECRET
-    assert old.signing is None  # verify-only: a previous secret never signs
+    assert old.public == OLD_SECRET
+    assert old.private is None  # verify-only: a previous secret never signs
     assert [key.kid for key in ring.keys] == [hmac_kid(SECRET), hmac_kid(OLD_SECRET)]
 
 
@@ -90,8 +90,8 @@ def test_private_and_public_pem_give_the_same_kid(tmp_path):
     public = write(tmp_path, "key.pem.pub", public_pem(key))
     ring = eddsa_ring(private, [public], LOG, allow_generated=False)
     assert ring.algorithm == "EdDSA"
-    assert ring.signing.kid == RFC8037_THUMBPRINT
-    assert ring.find(RFC8037_THUMBPRINT) is ring.signing  # the signing key wins the tie
+    assert ring.current.kid == RFC8037_THUMBPRINT
+    assert ring.find(RFC8037_THUMBPRINT) is ring.current  # the signing key wins the tie
     assert [key.kid for key in ring.keys] == [RFC8037_THUMBPRINT]
 
 
@@ -107,18 +107,18 @@ def rotated(tmp_path):
 def test_previous_key_verifies_old_tokens_and_never_signs(rotated):
     old, ring = rotated
     previous = ring.find(kid_of(old))
-    assert previous.signing is None
-    assert ring.signing.kid != previous.kid
+    assert previous.private is None
+    assert ring.current.kid != previous.kid
     token = jwt.encode({"sub": "1"}, old, "EdDSA", headers={"kid": previous.kid})
-    assert jwt.decode(token, previous.verifying, algorithms=[ring.algorithm]) == {"sub": "1"}
+    assert jwt.decode(token, previous.public, algorithms=[ring.algorithm]) == {"sub": "1"}
 
 
 def test_signing_key_signs_what_its_public_jwk_verifies(rotated):
     _, ring = rotated
-    token = jwt.encode({"sub": "1"}, ring.signing.signing, ring.algorithm)
-    public = jwt.PyJWK.from_dict(ring.signing.public_jwk)
+    token = jwt.encode({"sub": "1"}, ring.current.private, ring.algorithm)
+    public = jwt.PyJWK.from_dict(ring.current.public_jwk)
     assert jwt.decode(token, public, algorithms=["EdDSA"]) == {"sub": "1"}
-    assert ring.signing.kid == kid_of(ring.signing.signing)
+    assert ring.current.kid == kid_of(ring.current.private)
 
 
 @pytest.mark.parametrize("kid", ["unknown", "", None, 7, ["x"], {"kid": "x"}])
@@ -130,7 +130,7 @@ def test_find_returns_none_for_any_other_kid(rotated, kid):
 def test_jwks_holds_the_public_members_of_every_key_and_nothing_private(rotated):
     old, ring = rotated
     jwks = ring.jwks()
-    assert [jwk["kid"] for jwk in jwks["keys"]] == [ring.signing.kid, kid_of(old)]
+    assert [jwk["kid"] for jwk in jwks["keys"]] == [ring.current.kid, kid_of(old)]
     for jwk in jwks["keys"]:
         assert jwk.keys() == {"kty", "crv", "x", "kid", "alg", "use"}
         assert (jwk["kty"], jwk["crv"], jwk["alg"], jwk["use"]) == (
@@ -146,7 +146,7 @@ def test_jwks_holds_the_public_members_of_every_key_and_nothing_private(rotated)
 def test_jwks_cannot_change_the_ring(rotated):
     _, ring = rotated
     ring.jwks()["keys"][0]["x"] = "tampered"
-    assert ring.jwks()["keys"][0]["x"] == ring.signing.public_jwk["x"] != "tampered"
+    assert ring.jwks()["keys"][0]["x"] == ring.current.public_jwk["x"] != "tampered"
 
 
 def test_generated_ring_warns_that_tokens_die_with_the_process(caplog):
@@ -156,7 +156,7 @@ def test_generated_ring_warns_that_tokens_die_with_the_process(caplog):
         "ACCESS_TOKEN_PRIVATE_KEY_FILE not set: using a key pair made for this process, "
         "so access tokens die with it."
     ]
-    assert ring.signing.signing is not None
+    assert ring.current.private is not None
 
 
 def test_no_key_file_when_none_may_be_generated_stops_the_start():
@@ -212,8 +212,8 @@ def test_generate_writes_an_owner_only_key_pair_that_loads(tmp_path):
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
     ring = eddsa_ring(path, [f"{path}.pub"], LOG, allow_generated=False)
-    assert [key.kid for key in ring.keys] == [ring.signing.kid]
-    assert result.output.endswith(f"{path}.pub; kid {ring.signing.kid}.\n")
+    assert [key.kid for key in ring.keys] == [ring.current.kid]
+    assert result.output.endswith(f"{path}.pub; kid {ring.current.kid}.\n")
 
 
 def test_generate_never_overwrites_a_key(tmp_path):
@@ -232,4 +232,4 @@ def test_key_files_may_start_with_a_tilde(tmp_path, monkeypatch):
     write(tmp_path, "key.pem", private_pem(key))
     write(tmp_path, "key.pem.pub", public_pem(key))
     ring = eddsa_ring("~/key.pem", ["~/key.pem.pub"], LOG, allow_generated=False)
-    assert ring.signing.kid == RFC8037_THUMBPRINT
+    assert ring.current.kid == RFC8037_THUMBPRINT

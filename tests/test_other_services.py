@@ -30,7 +30,8 @@ from werkzeug.datastructures import ResponseCacheControl
 from werkzeug.http import parse_cache_control_header
 
 from keys import generate, hmac_kid, thumbprint
-from server import ConfigError, create_app, load_settings
+from server import create_app
+from settings import ConfigError, load_settings
 
 from .conftest import (
     ACCESS_SECRET,

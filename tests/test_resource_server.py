@@ -201,7 +201,7 @@ def ring():
 
 
 def mint_eddsa(ring, **kwargs):
-    return mint(ring.signing.signing, "EdDSA", headers={"kid": ring.signing.kid}, **kwargs)
+    return mint(ring.current.private, "EdDSA", headers={"kid": ring.current.kid}, **kwargs)
 
 
 def jwks_server(ring, max_age):
@@ -251,13 +251,13 @@ def test_eddsa_without_reachable_keys_is_unavailable(ring):
 def stranger_token(ring):
     """Signed by a key that is not the auth service's, under the auth service's kid."""
     stranger = Ed25519PrivateKey.generate()
-    return mint(stranger, "EdDSA", headers={"kid": ring.signing.kid})
+    return mint(stranger, "EdDSA", headers={"kid": ring.current.kid})
 
 
 def confused_token(ring):
     """HS256 keyed with the published public key: the classic algorithm confusion."""
-    public = ring.signing.public_jwk["x"].encode()
-    return mint(public, headers={"kid": ring.signing.kid})
+    public = ring.current.public_jwk["x"].encode()
+    return mint(public, headers={"kid": ring.current.kid})
 
 
 @pytest.mark.parametrize(
@@ -267,9 +267,9 @@ def confused_token(ring):
         (confused_token, "The specified alg value is not allowed."),
         (lambda ring: mint_eddsa(ring, ttl=-60), "Signature has expired."),
         (lambda ring: mint_eddsa(ring, typ="rt+jwt"), "It is not an access token."),
-        (lambda ring: mint(ring.signing.signing, "EdDSA"), "Its header names no key."),
+        (lambda ring: mint(ring.current.private, "EdDSA"), "Its header names no key."),
         (
-            lambda ring: mint(ring.signing.signing, "EdDSA", headers={"kid": "unknown"}),
+            lambda ring: mint(ring.current.private, "EdDSA", headers={"kid": "unknown"}),
             'Unable to find a signing key that matches: "unknown".',
         ),
     ],
@@ -282,8 +282,8 @@ def test_eddsa_refuses(ring, make_token, message):
 
 def test_eddsa_never_fetches_keys_a_token_points_at(ring):
     with jwks_server(ring, max_age=300) as (url, _), jwks_server(ring, 300) as (jku, seen):
-        headers = {"kid": ring.signing.kid, "jku": jku + JWKS_PATH}
-        token = mint(ring.signing.signing, "EdDSA", headers=headers)
+        headers = {"kid": ring.current.kid, "jku": jku + JWKS_PATH}
+        token = mint(ring.current.private, "EdDSA", headers=headers)
         response = eddsa_app(url).test_client().get("/posts", headers=bearer(token))
     assert_refused(
         response,

@@ -13,7 +13,8 @@ import jwt
 import pytest
 import time_machine
 
-from server import ConfigError, create_app, load_settings
+from server import create_app
+from settings import ConfigError, load_settings
 
 from .conftest import (
     ACCESS_SECRET,
@@ -257,7 +258,7 @@ TOO_LARGE = json.dumps({"email": "x" * 70_000, "password": "p"})
             413,
             {
                 "error": "request_entity_too_large",
-                "message": "The data value transmitted exceeds the capacity limit.",
+                "message": "The request body is over 64 KiB.",
             },
         ),
     ],

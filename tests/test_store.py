@@ -6,7 +6,8 @@ import time
 import pytest
 import redis
 
-from store import REDIS_OPTIONS, MemoryStore, Policy, RedisStore, Rotation
+from redis_store import REDIS_OPTIONS, RedisStore
+from store import MemoryStore, Policy, Rotation
 
 # Each test moves its own clock by passing `now`; a day ahead, so that deadlines passed to
 # Redis as EXPIREAT stay in its future however long the suite runs.
@@ -37,7 +38,9 @@ def begin(store, user="alice", *, now=NOW, policy=POLICY, user_agent="curl/8", i
 
 
 def rotate(store, session, jti, now=NOW, new_jti="next"):
-    return store.rotate(session.id, jti, new_jti=new_jti, user=session.user, now=now, ip="10.0.0.2")
+    return store.rotate(
+        session.id, jti, new_jti=new_jti, user=session.user_id, now=now, ip="10.0.0.2"
+    )
 
 
 def test_new_ids_are_128_bits_of_base64url():
@@ -50,7 +53,7 @@ def test_rotation_replaces_the_current_token(store):
     session, _ = begin(store)
     outcome, after = rotate(store, session, session.jti, NOW + 5, "jti-2")
     assert outcome is Rotation.ROTATED
-    assert (after.jti, after.issued_at, after.last_used_at, after.ip) == (
+    assert (after.jti, after.last_used_at, after.last_used_at, after.ip) == (
         "jti-2",
         NOW + 5,
         NOW + 5,
@@ -65,14 +68,14 @@ def test_the_predecessor_within_the_grace_window_gets_the_current_token(store):
     _, after = rotate(store, session, session.jti, NOW, "jti-2")
     for offset in (0, 10):  # the window's edges, inclusive
         outcome, replayed = rotate(store, session, session.jti, NOW + offset, "ignored")
-        assert outcome is Rotation.REPLAYED
+        assert outcome is Rotation.FORGIVEN_RETRY
         assert replayed == after  # nothing changed: same jti, iat, last use, ip and deadline
 
 
 def test_the_predecessor_after_the_window_is_reuse(store):
     session, _ = begin(store)
     _, after = rotate(store, session, session.jti, NOW, "jti-2")
-    assert rotate(store, session, session.jti, NOW + 11)[0] is Rotation.REUSED
+    assert rotate(store, session, session.jti, NOW + 11)[0] is Rotation.REUSE_ENDED_SESSION
     assert rotate(store, after, "jti-2", NOW + 12)[0] is Rotation.UNKNOWN
     assert store.get(session.id, NOW + 12) is None
 
@@ -81,7 +84,7 @@ def test_an_older_token_is_reuse_even_within_the_window(store):
     session, _ = begin(store)
     rotate(store, session, session.jti, NOW, "jti-2")
     rotate(store, session, "jti-2", NOW + 1, "jti-3")
-    assert rotate(store, session, session.jti, NOW + 2)[0] is Rotation.REUSED
+    assert rotate(store, session, session.jti, NOW + 2)[0] is Rotation.REUSE_ENDED_SESSION
 
 
 def test_no_grace_makes_any_second_use_reuse(make_store):
@@ -89,7 +92,7 @@ def test_no_grace_makes_any_second_use_reuse(make_store):
     store = make_store(policy)
     session, _ = begin(store, policy=policy)
     rotate(store, session, session.jti, NOW, "jti-2")
-    assert rotate(store, session, session.jti, NOW)[0] is Rotation.REUSED
+    assert rotate(store, session, session.jti, NOW)[0] is Rotation.REUSE_ENDED_SESSION
 
 
 def test_unknown_session(store):
@@ -203,7 +206,7 @@ def test_concurrent_rotation_without_grace_has_exactly_one_winner(make_store):
     outcomes = released_together(16, lambda n: rotate(store, session, session.jti, NOW, f"new-{n}"))
     kinds = [outcome for outcome, _ in outcomes]
     assert kinds.count(Rotation.ROTATED) == 1
-    assert kinds.count(Rotation.REUSED) + kinds.count(Rotation.UNKNOWN) == 15
+    assert kinds.count(Rotation.REUSE_ENDED_SESSION) + kinds.count(Rotation.UNKNOWN) == 15
 
 
 def test_concurrent_rotation_with_grace_gives_everyone_the_same_session(store):
@@ -211,8 +214,8 @@ def test_concurrent_rotation_with_grace_gives_everyone_the_same_session(store):
     outcomes = released_together(16, lambda n: rotate(store, session, session.jti, NOW, f"new-{n}"))
     kinds = [outcome for outcome, _ in outcomes]
     assert kinds.count(Rotation.ROTATED) == 1
-    assert kinds.count(Rotation.REPLAYED) == 15
-    assert len({(after.jti, after.issued_at) for _, after in outcomes}) == 1
+    assert kinds.count(Rotation.FORGIVEN_RETRY) == 15
+    assert len({(after.jti, after.last_used_at) for _, after in outcomes}) == 1
 
 
 def test_a_global_logout_racing_refreshes_leaves_nothing_alive(store):

@@ -1,0 +1,195 @@
+"""Request plumbing every route shares: the JSON body, text fields, headers, the audit line.
+
+Skip this file on a first read. It also serves ``/healthz`` and ``/openapi.json``, and runs
+the development server (``python server.py``).
+"""
+
+import functools
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import yaml
+from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.serving import WSGIRequestHandler
+
+from errors import APIError, body_too_large, error_body, error_code, register_error_handlers
+from settings import ConfigError
+from store import get_store
+
+MAX_BODY = 64 * 1024
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+# The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
+AUDIT_LOG = logging.getLogger("audit")
+
+bp = Blueprint("web", __name__)
+
+
+def init_app(app: Flask) -> None:
+    """Bound bodies, trust the proxies the settings name, and answer every error as JSON."""
+    if not AUDIT_LOG.handlers:
+        AUDIT_LOG.addHandler(logging.StreamHandler())
+        AUDIT_LOG.setLevel(logging.INFO)
+        AUDIT_LOG.propagate = False
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    if hops := app.config["TRUSTED_PROXIES"]:
+        # Behind a TLS proxy, the client's address and scheme come from its X-Forwarded-*
+        # headers, which are trusted only from that many proxies (Werkzeug ProxyFix).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+    register_error_handlers(app)
+    app.after_request(common_headers)
+
+
+def json_body() -> dict[str, Any]:
+    """Return the JSON object in the request body (each route reads it once)."""
+    if not request.is_json:
+        raise APIError(
+            415, "unsupported_media_type", "Send a JSON body with 'Content-Type: application/json'."
+        )
+    try:
+        # RFC 8259 §8.1: JSON between systems is UTF-8; json.loads alone would take UTF-16 too.
+        body = json.loads(read_body().decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
+        raise APIError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_body", "The request body must be a JSON object.")
+    return body
+
+
+def form_body() -> MultiDict[str, str]:
+    """Return the form in a form-urlencoded body, bounded as every body is; else empty."""
+    if request.mimetype != "application/x-www-form-urlencoded":
+        return MultiDict()
+    try:
+        return MultiDict(parse_qsl(read_body().decode("utf-8"), keep_blank_values=True))
+    except ValueError:  # not UTF-8
+        raise APIError(400, "invalid_request", "The form body is not valid text.") from None
+
+
+def read_body() -> bytes:
+    """Read the body, refusing one over MAX_BODY however it is framed (chunked included).
+
+    Werkzeug refuses a Content-Length over MAX_CONTENT_LENGTH, but a chunked body has none:
+    its form parser stops at the bound and parses what it got. Reading one byte past the
+    bound tells a body that fits from one that was cut.
+    """
+    stream, chunks, size = request.stream, [], 0
+    while size <= MAX_BODY:
+        chunk = stream.read(MAX_BODY + 1 - size)  # Werkzeug raises 413 past its own limit
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_BODY:
+        raise body_too_large()
+    return b"".join(chunks)
+
+
+def text_field(body: dict[str, Any], name: str, max_length: int = MAX_BODY) -> str:
+    """Return the body's string field ``name``: present, valid Unicode and not too long."""
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise APIError(400, "invalid_field", f"The field '{name}' must be a string.")
+    if len(value) > max_length:
+        message = f"The field '{name}' is longer than {max_length} characters."
+        raise APIError(400, "invalid_field", message)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can carry lone surrogates, which are not text
+        raise APIError(400, "invalid_field", f"The field '{name}' is not valid text.") from None
+    return value
+
+
+def common_headers(response: Response) -> Response:
+    """Headers every answer carries, whatever route or error produced it."""
+    # OWASP HTTP Security Response Headers Cheat Sheet: never let a browser guess the type.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if response.status_code == 204:
+        del response.headers["Content-Type"]  # RFC 9110 §15.3.5: no content, so no type
+    # RFC 6749 §5.1 and RFC 9111 §5.2.2.5: tokens and personal data are never cached; routes
+    # that may be cached (the JWKS, the page's files) say so themselves.
+    response.headers.setdefault("Cache-Control", "no-store")
+    if request.is_secure:
+        # RFC 6797 §7.1 and ASVS 5.0 V3.4.1: a browser that reached us over HTTPS keeps to it
+        # for a year; §7.2: never sent over plain HTTP, where an attacker could strip it.
+        response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+    return response
+
+
+def audit(event: str, **fields: str) -> None:
+    """Log one JSON line per security event: ids and prefixes, never a token or password."""
+    record = {"time": round(time.time(), 3), "audit": event, "ip": request.remote_addr}
+    AUDIT_LOG.info("%s", json.dumps(record | {"pid": os.getpid(), **fields}))
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Tell a load balancer whether this instance can serve: its store must answer."""
+    store = get_store()
+    store.ping()  # a Redis error becomes the 503 of store_unavailable
+    return jsonify(status="ok", store=store.kind)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """Serve this service's OpenAPI description, openapi.yaml, as JSON."""
+    return jsonify(openapi_description())
+
+
+@functools.cache
+def openapi_description() -> dict[str, Any]:
+    """Return openapi.yaml, read once per process when first served."""
+    return yaml.safe_load(OPENAPI_PATH.read_text())
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler, telling an attacker less: no versions, no whole ids."""
+
+    def version_string(self) -> str:
+        # OWASP HTTP Headers Cheat Sheet: a version only helps an attacker pick an exploit.
+        return "jwt-refresh-service"
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """Answer a request too broken to reach the app in the JSON shape, never echoing it."""
+        reason = self.responses.get(code, ("Error",))[0]
+        body = json.dumps(error_body(error_code(reason), reason))
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body.encode())
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # A session id in a path is logged as a prefix only, as the audit lines do.
+        if hasattr(self, "path"):  # not set when the request line itself was broken
+            self.path = re.sub(r"(/sessions/[^/?]{8})[^/?]*", r"\1...", self.path)
+        super().log_request(code, size)
+
+
+def serve(create_app: Any) -> None:
+    """Serve with Flask's own threaded server, debug off, where the settings say."""
+    try:
+        app = create_app()
+    except ConfigError as error:
+        sys.exit(f"error: {error.message}")
+    host, port = app.config["HOST"], app.config["PORT"]
+    try:  # say so plainly before anything else, rather than after an address to open
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        sys.exit(f"error: cannot listen on {host}:{port} ({reason}); set PORT to another.")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    app.logger.info("Open http://%s:%d/ for the demo page.", shown, port)
+    app.run(host=host, port=port, debug=False, threaded=True, request_handler=QuietRequestHandler)
