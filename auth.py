@@ -128,6 +128,7 @@ class Tokens:
     @staticmethod
     def _sign(claims: dict[str, Any], ring: KeyRing, kind: str) -> str:
         key = ring.current
+        assert key.private is not None  # the current key of a ring always signs
         return jwt.encode(
             claims, key.private, ring.algorithm, headers={"typ": kind, "kid": key.kid}
         )

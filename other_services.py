@@ -20,7 +20,7 @@ from limits.strategies import MovingWindowRateLimiter
 from auth import ACCESS, REFRESH, InvalidToken, get_tokens, live_session, same_text
 from errors import APIError
 from throttle import Limit, throttled
-from web import audit, form_body
+from web import audit, client_address, form_body
 
 bp = Blueprint("other_services", __name__)
 
@@ -109,7 +109,7 @@ def authenticate_client(clients: dict[str, str]) -> None:
     sent_id, sent_secret = basic_credentials()
     client_id = sent_id if sent_id in clients else None  # made-up ids get no counter
     authenticated = client_id is not None and same_text(sent_secret, clients[client_id])
-    get_client_guard().check(client_id, request.remote_addr, authenticated)
+    get_client_guard().check(client_id, client_address(), authenticated)
     if authenticated:
         return
     audit("introspection_client_refused")

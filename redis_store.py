@@ -5,6 +5,8 @@ same ``Store`` interface, for Redis. Each change runs as one Lua script, so it i
 across processes.
 """
 
+from typing import Any
+
 import redis
 from flask import Flask
 from limits.storage import RedisStorage
@@ -176,14 +178,15 @@ class RedisStore(Store):
         self, sid: str, jti: str, *, new_jti: str, user: str, now: int, ip: str
     ) -> tuple[Rotation, Session | None]:
         policy = self._policy
-        args = [self._prefix, now, sid, jti, new_jti, ip, policy.grace, policy.idle_ttl, *FIELDS]
+        args: list[Any] = [self._prefix, now, sid, jti, new_jti, ip, policy.grace, policy.idle_ttl]
+        args += FIELDS
         outcome, *values = self._rotate(keys=[self._index(user)], args=args)
         if not values:
             return OUTCOMES[outcome], None
         return OUTCOMES[outcome], from_fields(sid, [value.decode() for value in values])
 
     def get(self, sid: str, now: int) -> Session | None:
-        values = self._redis.hmget(self._key(sid), FIELDS)
+        values: list[Any] = self._redis.hmget(self._key(sid), FIELDS)  # type: ignore[assignment]
         if values[0] is None:
             return None
         session = from_fields(sid, [value.decode() for value in values])
@@ -191,7 +194,8 @@ class RedisStore(Store):
 
     def sessions(self, user: str, now: int) -> list[Session]:
         index = self._index(user)
-        sids = [sid.decode() for sid in self._redis.zrange(index, 0, -1, desc=True)]
+        found: list[bytes] = self._redis.zrange(index, 0, -1, desc=True)  # type: ignore[assignment]
+        sids = [sid.decode() for sid in found]
         with self._redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hmget(self._key(sid), FIELDS)

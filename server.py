@@ -31,7 +31,7 @@ from sessions import end_sessions, logout_scope
 from store import Rotation, Session, get_policy, get_store, new_id
 from throttle import Throttled, get_login_guard
 from users import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, get_users
-from web import audit, json_body, text_field
+from web import audit, client_address, json_body, text_field
 
 MAX_USER_AGENT = 256
 
@@ -65,7 +65,7 @@ def login() -> Response:
     password = text_field(body, "password", MAX_PASSWORD_LENGTH)
     browser.choose_transport(body)
     try:
-        get_login_guard().count_attempt(email, request.remote_addr)  # before any hashing
+        get_login_guard().count_attempt(email, client_address())  # before any hashing
     except Throttled as error:
         audit("login_throttled", limit=error.limit)
         raise
@@ -74,10 +74,10 @@ def login() -> Response:
         audit("login_failed")
         # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
         raise APIError(401, "invalid_credentials", "The email or password is incorrect.")
-    get_login_guard().succeeded(email, request.remote_addr)
+    get_login_guard().succeeded(email, client_address())
     now = int(time.time())
     user_agent = request.headers.get("User-Agent", "")[:MAX_USER_AGENT]
-    session = get_policy().new_session(user.id, now, user_agent, request.remote_addr)
+    session = get_policy().new_session(user.id, now, user_agent, client_address())
     for evicted in get_store().start(session, now):
         # OWASP Session Management Cheat Sheet: a cap on sessions per user; the oldest goes.
         audit("session_evicted", user=user.id, session=evicted[:8])
@@ -94,7 +94,7 @@ def refresh() -> Response:
         raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
     now, sid = int(time.time()), claims["sid"]
     outcome, session = get_store().rotate(
-        sid, claims["jti"], new_jti=new_id(), user=claims["sub"], now=now, ip=request.remote_addr
+        sid, claims["jti"], new_jti=new_id(), user=claims["sub"], now=now, ip=client_address()
     )
     if outcome is Rotation.REUSE_ENDED_SESSION:
         # RFC 9700 §4.14.2: a spent token shown again means two parties hold it, and we

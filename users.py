@@ -171,6 +171,7 @@ class Users:
 
     def _rewrite_line(self, user: User, new_hash: str) -> None:
         """Put the new hash on the account's line; if that fails, it stays in memory only."""
+        assert self._path is not None  # only accounts of the file are rewritten
         try:
             lines = _file_lines(self._path) or []
             for index, line in enumerate(lines):

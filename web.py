@@ -44,7 +44,9 @@ def init_app(app: Flask) -> None:
     if hops := app.config["TRUSTED_PROXIES"]:
         # Behind a TLS proxy, the client's address and scheme come from its X-Forwarded-*
         # headers, which are trusted only from that many proxies (Werkzeug ProxyFix).
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops
+        )
     register_error_handlers(app)
     app.after_request(common_headers)
 
@@ -123,6 +125,11 @@ def common_headers(response: Response) -> Response:
         # for a year; §7.2: never sent over plain HTTP, where an attacker could strip it.
         response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
     return response
+
+
+def client_address() -> str:
+    """Return the client's address (behind trusted proxies, the one they name)."""
+    return request.remote_addr or ""
 
 
 def audit(event: str, **fields: str) -> None:

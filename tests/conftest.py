@@ -1,5 +1,6 @@
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -8,6 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,11 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 DEMO_ID = "dGIQiYT2Kdss7Rrr"  # derived from the email, the same in every process
 # Under a production server the demo account exists only when its password is set.
 WITH_DEMO = SECRETS | {"DEMO_USER_PASSWORD": DEMO["password"]}
+PRODUCTION = {  # production settings, with no account yet
+    "APP_ENV": "production",
+    "ACCESS_TOKEN_SECRET": ACCESS_SECRET,
+    "REFRESH_TOKEN_SECRET": REFRESH_SECRET,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -297,3 +307,90 @@ def persistent_redis(tmp_path):
     """A redis-server of this test's own, whose data survives a restart."""
     with redis_server(tmp_path, persistent=True) as server:
         yield server
+
+
+# --- helpers the test modules share ------------------------------------------------------
+
+
+def call(base, method, path, body=None, *, token=None):
+    """Speak HTTP to a running server; return (status, headers, parsed JSON or None)."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw, status, head = response.read(), response.status, response.headers
+    except urllib.error.HTTPError as error:
+        raw, status, head = error.read(), error.code, error.headers
+    return status, head, json.loads(raw) if raw else None
+
+
+def refresh_body(tokens):
+    return {"refreshToken": tokens["refreshToken"]}
+
+
+def run_server(env, cwd, timeout=15):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py")],
+        env={"PATH": os.environ["PATH"], **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def released_together(count, action):
+    """Run action(n) on `count` threads released by one barrier; return the results in order."""
+    barrier = threading.Barrier(count)
+
+    def run(n):
+        barrier.wait()
+        return action(n)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
+@contextlib.contextmanager
+def serving(answer):
+    """Serve HTTP on 127.0.0.1 until the block ends; yield its URL and the requests it saw.
+
+    ``answer()`` returns the status, the extra headers and the JSON body of each response.
+    """
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply()
+
+        def do_POST(self):
+            self.reply()
+
+        def reply(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append({"method": self.command, "path": self.path, "headers": self.headers})
+            seen[-1]["body"] = body.decode()
+            status, headers, payload = answer()
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            for name, value in (headers | {"Content-Type": "application/json"}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            """Keep the test output quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

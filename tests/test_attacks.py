@@ -12,12 +12,10 @@ import logging
 import re
 import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jwt
@@ -34,13 +32,14 @@ from .conftest import (
     REFRESH_SECRET,
     ROOT,
     TEST_CONFIG,
+    call,
     free_port,
     granian,
+    released_together,
     run_to_end,
     serve,
     user_env,
 )
-from .test_server import call
 
 SECRETS = {"access": ACCESS_SECRET, "refresh": REFRESH_SECRET}
 TYP = {"access": "at+jwt", "refresh": "rt+jwt"}
@@ -266,18 +265,6 @@ def test_refresh_token_is_refused_at_me_even_with_equal_secrets(equal_secrets_cl
 
 
 # --- over HTTP, against real server processes ---------------------------------------------
-
-
-def released_together(count, action):
-    """Run action(n) on `count` threads released by one barrier; return the results in order."""
-    barrier = threading.Barrier(count)
-
-    def run(n):
-        barrier.wait()
-        return action(n)
-
-    with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(run, range(count)))
 
 
 WRONG = DEMO | {"password": "wrong password"}

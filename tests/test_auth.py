@@ -124,4 +124,3 @@ def test_tokens_of_a_previous_secret_verify_and_new_ones_use_the_new_secret():
     assert jwt.get_unverified_header(new_token)["kid"] == hmac_kid(ACCESS_SECRET)
     with pytest.raises(InvalidToken, match="a key this service does not hold"):
         make_tokens().decode(old_token, ACCESS)  # the old secret removed: retired
-

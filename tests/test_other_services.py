@@ -10,8 +10,10 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -41,13 +43,14 @@ from .conftest import (
     ROOT,
     TEST_CONFIG,
     AuthActions,
+    call,
     free_port,
+    released_together,
+    run_server,
     serve,
+    serving,
     user_env,
 )
-from .test_attacks import released_together
-from .test_resource_server import serving
-from .test_server import call, run_server
 
 LOG = logging.getLogger("test_other_services")
 NEW_ACCESS = "rotated-access-secret-0123456789abcdef"
@@ -877,3 +880,93 @@ def test_a_removed_accounts_tokens_are_inactive_everywhere(tmp_path):
             "/introspect", data={"token": token}, headers=basic("posts", "posts-secret-0123456789")
         )  # noqa: E501
         assert answer.json == {"active": False}
+
+
+# --- introspection clients: counted first, credentials decoded, bodies bounded ------------
+
+
+def test_wrong_client_secrets_sent_at_once_are_each_counted(start_cluster):
+    # RFC 6749 §2.3.1 and NIST SP 800-63B §5.2.2: count, atomically, before answering.
+    url, _ = start_cluster(LOGIN_RATE_LIMIT="3 per minute", **CLIENTS)
+    access = call(url, "POST", "/login", DEMO)[2]["accessToken"]
+    form = urllib.parse.urlencode({"token": access}).encode()
+    wrong = basic(secret="the-wrong-secret-0123456789")
+
+    def introspect(_):
+        request = urllib.request.Request(url + "/introspect", data=form, headers=wrong)
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert sorted(released_together(32, introspect)) == [401] * 3 + [429] * 29
+
+
+SPECIAL_SECRET = "a+b/c=d&e%f 0123456789"  # every character RFC 6749 §2.3.1 encodes
+
+
+def test_client_credentials_are_form_urlencoded_as_rfc_6749_says():
+    clients = {"INTROSPECTION_CLIENTS": f"posts:{SPECIAL_SECRET},plain:plain-secret-0123456789"}
+    actions = Introspection(create_app(TEST_CONFIG | clients).test_client())
+    token = actions.tokens()["accessToken"]
+    encoded = urllib.parse.quote_plus(SPECIAL_SECRET)
+    assert actions.answer(token, headers=basic("posts", encoded))["active"] is True
+    # A raw secret that decodes to itself keeps working; one that does not is refused.
+    assert actions.answer(token, headers=basic("plain", "plain-secret-0123456789"))["active"]
+    assert actions.introspect(token, headers=basic("posts", SPECIAL_SECRET)).status_code == 401
+    # The client id is decoded too.
+    clients = {"INTROSPECTION_CLIENTS": "my client:its-secret-0123456789"}
+    actions = Introspection(create_app(TEST_CONFIG | clients).test_client())
+    headers = basic("my+client", "its-secret-0123456789")
+    assert actions.answer(actions.tokens()["accessToken"], headers=headers)["active"] is True
+
+
+@pytest.fixture(params=["python server.py", "granian"])
+def introspecting_server(request, start_server, tmp_path):
+    if request.param == "python server.py":
+        yield start_server(**CLIENTS)
+        return
+    port = free_port()
+    env = user_env(**TEST_CONFIG, **CLIENTS, DEMO_USER_PASSWORD=DEMO["password"])
+    command = [
+        sys.executable, "-m", "granian", "--interface", "wsgi", "--factory", "--workers", "1",
+        "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+    ]  # fmt: skip
+    with serve(command, env, tmp_path, port) as (url, _):
+        yield url
+
+
+@pytest.mark.parametrize("padding_first", [False, True])
+def test_a_form_over_64_kib_is_413_however_it_is_framed(introspecting_server, padding_first):
+    # RFC 9110 §15.5.14: a body over the bound is refused whole, never cut and parsed.
+    url = introspecting_server
+    access = call(url, "POST", "/login", DEMO)[2]["accessToken"]
+    fields = [f"token={access}", "pad=" + "x" * 100_000]
+    body = "&".join(reversed(fields) if padding_first else fields).encode()
+    credentials = basic()["Authorization"].encode()
+    head = (
+        b"POST /introspect HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Authorization: " + credentials
+    )
+    chunks = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    for framing, payload in (
+        (b"Transfer-Encoding: chunked", chunked),
+        (b"Content-Length: %d" % len(body), body),
+    ):
+        answer = raw_answer(url, head + b"\r\n" + framing, payload)
+        assert answer.split(b"\r\n", 1)[0].split()[1] == b"413", (framing, answer[:200])
+
+
+def raw_answer(url, head, body):
+    """Send bytes as they are; return the answer's head."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(OSError):  # a server may answer and close before the end
+            sock.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer

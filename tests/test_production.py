@@ -10,13 +10,14 @@ from .conftest import (
     DEMO,
     SECRETS,
     WITH_DEMO,
+    call,
     free_port,
     granian,
+    refresh_body,
     run_to_end,
     serve,
     user_env,
 )
-from .test_server import call, refresh_body
 
 
 def audit_pids(log_path, event):

@@ -1,13 +1,9 @@
 import base64
-import contextlib
-import json
 import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -17,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from examples.resource_server import ConfigError, create_app, load_settings
 from keys import eddsa_ring
+
+from .conftest import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "resource-test-access-secret-0123456789"
@@ -54,48 +52,6 @@ def assert_refused(response, error, message):
             "message": f"The access token is not valid: {message}",
         }
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="posts", error="invalid_token"'
-
-
-@contextlib.contextmanager
-def serving(answer):
-    """Serve HTTP on 127.0.0.1 until the block ends; yield its URL and the requests it saw.
-
-    ``answer()`` returns the status, the extra headers and the JSON body of each response.
-    """
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.reply()
-
-        def do_POST(self):
-            self.reply()
-
-        def reply(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append({"method": self.command, "path": self.path, "headers": self.headers})
-            seen[-1]["body"] = body.decode()
-            status, headers, payload = answer()
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            for name, value in (headers | {"Content-Type": "application/json"}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            """Keep the test output quiet."""
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def closed_port_url():

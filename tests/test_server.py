@@ -1,12 +1,8 @@
 import json
 import logging
-import os
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import jwt
@@ -20,11 +16,13 @@ from .conftest import (
     ACCESS_SECRET,
     DEMO,
     DEMO_ID,
+    PRODUCTION,
     REFRESH_SECRET,
-    ROOT,
     TEST_CONFIG,
     AuthActions,
+    call,
     free_port,
+    refresh_body,
     serve,
     user_env,
 )
@@ -308,184 +306,7 @@ def test_wrong_method_is_json_405(client, method, path):
     assert "Allow" in response.headers
 
 
-# --- settings ------------------------------------------------------------------------------
-
-PRODUCTION = {
-    "APP_ENV": "production",
-    "ACCESS_TOKEN_SECRET": ACCESS_SECRET,
-    "REFRESH_TOKEN_SECRET": REFRESH_SECRET,
-}
-
-
-def test_defaults():
-    settings = load_settings({}, LOG)
-    assert settings["APP_ENV"] == "development"
-    assert (settings["ACCESS_TOKEN_TTL"], settings["REFRESH_TOKEN_TTL"]) == (900, 1_209_600)
-    assert (settings["HOST"], settings["PORT"]) == ("127.0.0.1", 3000)
-    assert settings["DEMO_USER_EMAIL"] == "demo@example.com"
-    assert settings["DEMO_USER_PASSWORD"] == "demo-password"
-    assert settings["ACCESS_TOKEN_SECRET"] != settings["REFRESH_TOKEN_SECRET"]
-    assert len(settings["ACCESS_TOKEN_SECRET"]) >= 32
-
-
-def test_development_warns_once_about_random_secrets(caplog):
-    load_settings({}, LOG)
-    messages = [record.getMessage() for record in caplog.records]
-    assert messages == [
-        "ACCESS_TOKEN_SECRET and REFRESH_TOKEN_SECRET not set: using random secrets, "
-        "so tokens die with this process."
-    ]
-
-
-def test_random_secrets_differ_per_process():
-    assert (
-        load_settings({}, LOG)["ACCESS_TOKEN_SECRET"]
-        != load_settings({}, LOG)["ACCESS_TOKEN_SECRET"]
-    )
-
-
-def test_development_allows_equal_secrets_with_a_warning(caplog):
-    load_settings(
-        {"ACCESS_TOKEN_SECRET": ACCESS_SECRET, "REFRESH_TOKEN_SECRET": ACCESS_SECRET}, LOG
-    )
-    assert "must differ" in caplog.text
-
-
-def test_production_has_no_demo_user_by_default():
-    """OWASP ASVS 2.1: no well-known credentials where it counts."""
-    assert load_settings(PRODUCTION, LOG)["DEMO_USER_PASSWORD"] is None
-    with pytest.raises(ConfigError, match="Production has no accounts: set USERS_FILE"):
-        create_app(PRODUCTION)  # and without the demo account, it would have none at all
-
-
-def test_production_demo_user_when_password_set():
-    app = create_app(PRODUCTION | {"DEMO_USER_PASSWORD": "a long chosen password"})
-    body = {"email": DEMO["email"], "password": "a long chosen password"}
-    assert app.test_client().post("/login", json=body).status_code == 200
-
-
-@pytest.mark.parametrize(
-    "env, variable",
-    [
-        (PRODUCTION | {"ACCESS_TOKEN_SECRET": ""}, "ACCESS_TOKEN_SECRET is not set"),
-        ({"APP_ENV": "production", "ACCESS_TOKEN_SECRET": ACCESS_SECRET}, "REFRESH_TOKEN_SECRET"),
-        (PRODUCTION | {"REFRESH_TOKEN_SECRET": "short"}, "REFRESH_TOKEN_SECRET is shorter"),
-        (PRODUCTION | {"REFRESH_TOKEN_SECRET": ACCESS_SECRET}, "must differ"),
-        ({"ACCESS_TOKEN_SECRET": "short"}, "ACCESS_TOKEN_SECRET is shorter"),
-        ({"APP_ENV": "staging"}, "APP_ENV"),
-        ({"ACCESS_TOKEN_TTL": "15m"}, "ACCESS_TOKEN_TTL must be a whole number"),
-        ({"ACCESS_TOKEN_TTL": "0"}, "ACCESS_TOKEN_TTL must be at least 1"),
-        ({"REFRESH_TOKEN_TTL": "-5"}, "REFRESH_TOKEN_TTL must be at least 1"),
-        ({"JWT_LEEWAY": "-1"}, "JWT_LEEWAY"),
-        ({"PORT": "http"}, "PORT must be a whole number"),
-        ({"PORT": "70000"}, "PORT must be at least 1 and at most 65535"),
-        ({"LOGIN_RATE_LIMIT": "lots"}, "LOGIN_RATE_LIMIT"),
-        ({"ACCESS_TOKEN_SECRET": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ"}, "ACCESS_TOKEN_SECRET"),
-    ],
-)
-def test_unusable_settings_name_the_variable(env, variable):
-    with pytest.raises(ConfigError, match=variable):
-        load_settings(env, LOG)
-
-
-def run_server(env, cwd, timeout=15):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "server.py")],
-        env={"PATH": os.environ["PATH"], **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@pytest.mark.parametrize(
-    "env, variable",
-    [
-        ({"APP_ENV": "production"}, "ACCESS_TOKEN_SECRET"),
-        ({"PORT": "not-a-port"}, "PORT"),
-        ({"REFRESH_TOKEN_TTL": "forever"}, "REFRESH_TOKEN_TTL"),
-    ],
-)
-def test_config_mistake_stops_the_process_without_a_traceback(tmp_path, env, variable):
-    result = run_server(env, tmp_path)
-    assert result.returncode != 0
-    assert variable in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_dotenv_is_read_and_the_environment_wins(tmp_path, monkeypatch):
-    (tmp_path / ".env").write_text("ACCESS_TOKEN_TTL=60\nREFRESH_TOKEN_TTL=120\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("ACCESS_TOKEN_TTL", raising=False)
-    monkeypatch.setenv("REFRESH_TOKEN_TTL", "240")
-    for name in ("ACCESS_TOKEN_SECRET", "REFRESH_TOKEN_SECRET"):
-        monkeypatch.setenv(name, TEST_CONFIG[name])
-    app = create_app()
-    monkeypatch.delenv("ACCESS_TOKEN_TTL")  # load_dotenv put it into os.environ
-    assert (app.config["ACCESS_TOKEN_TTL"], app.config["REFRESH_TOKEN_TTL"]) == (60, 240)
-
-
-# A developer's .env, as .env.example invites: it must change nothing the suite tests.
-HOSTILE_DOTENV = """APP_ENV=production
-ACCESS_TOKEN_TTL=1
-DEMO_USER_PASSWORD=not-the-demo-password
-LOGIN_RATE_LIMIT=1 per day
-REDIS_URL=redis://127.0.0.1:1/0
-"""
-
-
-@pytest.fixture
-def developers_dotenv():
-    """A .env in the repository, as a developer leaves one: theirs, or a hostile one."""
-    path = ROOT / ".env"
-    if path.exists():
-        yield path
-        return
-    path.write_text(HOSTILE_DOTENV)
-    try:
-        yield path
-    finally:
-        path.unlink()
-
-
-def test_the_suite_ignores_a_developers_dotenv(developers_dotenv, live_server, app):
-    # In-process apps read test_config alone; servers run in a folder of their own.
-    assert app.test_client().post("/login", json=DEMO).json["expiresIn"] == 900
-    status, _, tokens = call(live_server, "POST", "/login", DEMO)
-    assert (status, tokens["expiresIn"]) == (200, 900)
-
-
-def test_start_up_warns_once_and_says_where_to_open(tmp_path):
-    port = free_port()
-    command = [sys.executable, str(ROOT / "server.py")]
-    with serve(command, user_env(PORT=str(port)), tmp_path, port) as (url, log_path):
-        call(url, "GET", "/healthz")
-    log = log_path.read_text()
-    assert log.count("random secrets") == 1
-    assert f"Open http://127.0.0.1:{port}/ " in log
-
-
 # --- the real process ----------------------------------------------------------------------
-
-
-def call(base, method, path, body=None, *, token=None):
-    """Speak HTTP to a running server; return (status, headers, parsed JSON or None)."""
-    headers = {"Content-Type": "application/json"} if body is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw, status, head = response.read(), response.status, response.headers
-    except urllib.error.HTTPError as error:
-        raw, status, head = error.read(), error.code, error.headers
-    return status, head, json.loads(raw) if raw else None
-
-
-def refresh_body(tokens):
-    return {"refreshToken": tokens["refreshToken"]}
 
 
 def test_real_process_walkthrough(live_server):
@@ -754,168 +575,6 @@ def test_redis_url_must_be_a_redis_url(url):
         load_settings({"REDIS_URL": url}, LOG)
 
 
-# --- the browser flow: the refresh token in a cookie ------------------------------------------
-
-COOKIE = {"refreshTokenTransport": "cookie"}
-COOKIE_LOGIN = DEMO | COOKIE
-
-
-def set_cookies(response, name):
-    """The Set-Cookie headers for one cookie name, parsed into dictionaries."""
-    parsed = []
-    for header in response.headers.getlist("Set-Cookie"):
-        pairs = [part.strip() for part in header.split(";")]
-        key, _, value = pairs[0].partition("=")
-        if key == name:
-            attributes = {p.partition("=")[0].lower(): p.partition("=")[2] for p in pairs[1:]}
-            parsed.append({"value": value} | attributes)
-    return parsed
-
-
-def csrf_header(client):
-    return {"X-CSRF-Token": client.get_cookie("csrf_token").value}
-
-
-@pytest.fixture
-def cookie_client(client):
-    """A client logged in with the cookie transport."""
-    assert client.post("/login", json=COOKIE_LOGIN).status_code == 200
-    return client
-
-
-def test_cookie_login_sets_the_refresh_cookie_and_no_body_carries_it(client):
-    response = client.post("/login", json=COOKIE_LOGIN)
-    assert response.status_code == 200
-    assert response.json.keys() == {"accessToken", "tokenType", "expiresIn"}
-    refresh_cookies = set_cookies(response, "refresh_token")
-    assert sorted(cookie["path"] for cookie in refresh_cookies) == ["/logout", "/token"]
-    for cookie in refresh_cookies:
-        assert cookie["max-age"] == "1209600"
-        assert "httponly" in cookie and cookie["samesite"] == "Strict"
-        assert "secure" not in cookie  # development serves plain HTTP
-        assert cookie["value"] not in response.get_data(as_text=True)
-    (csrf,) = set_cookies(response, "csrf_token")
-    assert "httponly" not in csrf and csrf["samesite"] == "Strict" and csrf["path"] == "/"
-
-
-def test_cookies_are_secure_in_production():
-    app = create_app(PRODUCTION | {"DEMO_USER_PASSWORD": "a long chosen password"})
-    body = COOKIE_LOGIN | {"password": "a long chosen password"}
-    response = app.test_client().post("/login", json=body)
-    for name in ("refresh_token", "csrf_token"):
-        assert all("secure" in cookie for cookie in set_cookies(response, name))
-
-
-def test_cookie_refresh_rotates_the_cookie(cookie_client):
-    before = cookie_client.get_cookie("refresh_token", path="/token").value
-    response = cookie_client.post("/token", json=COOKIE, headers=csrf_header(cookie_client))
-    assert response.status_code == 200
-    assert "refreshToken" not in response.json
-    after = cookie_client.get_cookie("refresh_token", path="/token").value
-    assert after != before
-    assert after == cookie_client.get_cookie("refresh_token", path="/logout").value
-    # The spent cookie, shown again after the grace window, is reuse: the session ends.
-    cookie_client.set_cookie("refresh_token", before, path="/token")
-    with time_machine.travel(time.time() + 11):
-        reused = cookie_client.post("/token", json=COOKIE, headers=csrf_header(cookie_client))
-    assert reused.status_code == 403
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"X-CSRF-Token": ""}, {"X-CSRF-Token": "forged"}],
-    ids=["no header", "empty header", "wrong value"],
-)
-def test_cookie_refresh_without_the_csrf_token_is_refused(cookie_client, headers):
-    response = cookie_client.post("/token", json=COOKIE, headers=headers)
-    assert (response.status_code, response.json) == (
-        403,
-        {
-            "error": "csrf_failed",
-            "message": "Send the value of the csrf_token cookie in the X-CSRF-Token header.",
-        },
-    )
-    # Nothing was rotated: the session still works from its own page.
-    page = csrf_header(cookie_client)
-    assert cookie_client.post("/token", json=COOKIE, headers=page).status_code == 200
-
-
-def test_cookie_refresh_from_another_origin_is_refused(cookie_client):
-    headers = csrf_header(cookie_client) | {"Origin": "https://evil.example"}
-    response = cookie_client.post("/token", json=COOKIE, headers=headers)
-    assert (response.status_code, response.json["error"]) == (403, "csrf_failed")
-    same_origin = csrf_header(cookie_client) | {"Origin": "http://localhost"}
-    assert cookie_client.post("/token", json=COOKIE, headers=same_origin).status_code == 200
-
-
-def test_a_csrf_token_of_another_session_does_not_fit(client):
-    client.post("/login", json=COOKIE_LOGIN)
-    other_session = csrf_header(client)
-    client.post("/login", json=COOKIE_LOGIN)  # a new session, with its own cookies
-    assert client.post("/token", json=COOKIE, headers=other_session).status_code == 403
-
-
-def test_cookie_logout_ends_the_session_and_clears_the_cookies(cookie_client):
-    response = cookie_client.post("/logout", json=COOKIE, headers=csrf_header(cookie_client))
-    assert response.status_code == 204
-    for name in ("refresh_token", "csrf_token"):
-        assert all(cookie["max-age"] == "0" for cookie in set_cookies(response, name))
-    assert cookie_client.get_cookie("refresh_token", path="/token") is None
-    assert cookie_client.post("/token", json=COOKIE).status_code == 403
-
-
-def test_cookie_logout_needs_the_csrf_token(cookie_client):
-    assert cookie_client.post("/logout", json=COOKIE).status_code == 403
-    page = csrf_header(cookie_client)
-    assert cookie_client.post("/token", json=COOKIE, headers=page).status_code == 200
-
-
-def test_without_the_switch_the_body_is_used_even_with_a_cookie(cookie_client, auth_actions):
-    tokens = auth_actions.tokens()  # a body-transport session of the same client
-    response = auth_actions.refresh(tokens["refreshToken"])
-    assert response.status_code == 200 and "refreshToken" in response.json
-    assert cookie_client.post("/token", json={}).status_code == 400  # no silent fallback
-
-
-@pytest.mark.parametrize("path", ["/token", "/logout"])
-def test_unknown_transport_at_token_and_logout(client, path):
-    response = client.post(path, json={"refreshToken": "x", "refreshTokenTransport": "header"})
-    assert (response.status_code, response.json["error"]) == (400, "invalid_field")
-
-
-def test_unknown_transport_is_refused(client):
-    response = client.post("/login", json=DEMO | {"refreshTokenTransport": "header"})
-    assert (response.status_code, response.json) == (
-        400,
-        {
-            "error": "invalid_field",
-            "message": "The field 'refreshTokenTransport' must be 'body' or 'cookie'.",
-        },
-    )
-
-
-def test_the_demo_page_and_its_headers(client):
-    with client.get("/") as response:
-        assert response.status_code == 200
-        assert response.mimetype == "text/html"
-        assert b'<script src="/static/app.js"' in response.data
-        csp = response.headers["Content-Security-Policy"]
-        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
-        assert response.headers["X-Frame-Options"] == "DENY"
-    with client.get("/static/app.js") as script:
-        assert script.status_code == 200
-        assert script.headers["X-Content-Type-Options"] == "nosniff"
-        assert ".setItem(" not in script.get_data(as_text=True)  # the token stays in memory
-
-
-def test_a_cookie_request_is_checked_before_its_token_is_read(client):
-    client.set_cookie("refresh_token", "not-a-token", path="/logout")
-    assert client.post("/logout", json=COOKIE).status_code == 403  # no CSRF proof: refused
-    client.set_cookie("csrf_token", "same", path="/")
-    page = {"X-CSRF-Token": "same"}
-    assert client.post("/logout", json=COOKIE, headers=page).status_code == 204
-
-
 # --- behind a proxy ----------------------------------------------------------------------
 
 
@@ -937,3 +596,28 @@ def test_behind_a_tls_proxy_the_page_origin_is_https():
     headers = https | {"Origin": "https://auth.example.com", "X-CSRF-Token": csrf}
     response = client.post("/token", json={"refreshTokenTransport": "cookie"}, headers=headers)
     assert response.status_code == 200, response.json
+
+
+HSTS = "max-age=31536000; includeSubDomains"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/", "/nowhere", "/me"])
+def test_answers_that_came_over_https_carry_hsts(path):
+    # RFC 6797 and ASVS 5.0 V3.4.1: a year, subdomains included, behind a TLS proxy.
+    app = create_app(
+        PRODUCTION | {"TRUSTED_PROXIES": "1", "DEMO_USER_PASSWORD": "a long chosen password"}
+    )
+    response = app.test_client().get(path, headers={"X-Forwarded-Proto": "https"})
+    response.close()  # the page's answer holds its file open until closed
+    assert response.headers["Strict-Transport-Security"] == HSTS
+
+
+@pytest.mark.parametrize(
+    "proxies, headers",
+    [("1", {}), ("1", {"X-Forwarded-Proto": "http"}), ("0", {"X-Forwarded-Proto": "https"})],
+)
+def test_plain_http_answers_never_carry_hsts(proxies, headers):
+    # RFC 6797 §7.2: never over plain HTTP; an untrusted X-Forwarded-Proto counts for nothing.
+    app = create_app(TEST_CONFIG | {"TRUSTED_PROXIES": proxies})
+    response = app.test_client().get("/healthz", headers=headers)
+    assert "Strict-Transport-Security" not in response.headers

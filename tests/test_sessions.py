@@ -11,9 +11,7 @@ import time_machine
 
 from server import create_app
 
-from .conftest import DEMO, TEST_CONFIG, AuthActions
-from .test_attacks import released_together
-from .test_server import call
+from .conftest import DEMO, TEST_CONFIG, AuthActions, call, released_together
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 SESSION_FIELDS = {

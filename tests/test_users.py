@@ -359,8 +359,7 @@ def test_commands_without_users_file_say_how_to_set_it(cli, args):
 def test_the_readme_production_path_through_the_real_flask_command(tmp_path, start_cluster):
     """`flask --app server users add` creates the file even with production settings, then
     granian in production logs that account in, and the demo password does not work."""
-    from .conftest import DEMO, TEST_CONFIG, user_env
-    from .test_server import call
+    from .conftest import DEMO, TEST_CONFIG, call, user_env
 
     env = user_env(**TEST_CONFIG, APP_ENV="production", USERS_FILE=str(tmp_path / "users.txt"))
     flask = [sys.executable, "-m", "flask", "--app", "server", "users"]
