@@ -167,7 +167,7 @@ def bearer_token() -> str | None:
 
 def invalid_access_token(
     message: str, remedy: str = "Log in or refresh to get a new one."
-) -> APIError:  # noqa: E501
+) -> APIError:
     """Return the 401 of an access token that does not count (RFC 6750 §3.1)."""
     return APIError(
         401,

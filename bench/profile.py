@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples import resource_server  # noqa: E402
-from server import create_app  # noqa: E402
-from web import AUDIT_LOG  # noqa: E402
+from examples import resource_server
+from server import create_app
+from web import AUDIT_LOG
 
 CALLS = 5000
 LOGINS = 20

@@ -132,7 +132,7 @@ def redis_url(tmp_path_factory):
             pytest.fail(f"CI needs a Redis server at {url}: {error}")
         pytest.skip(
             f"no Redis server at {url} ({error}); install redis-server or set TEST_REDIS_URL"
-        )  # noqa: E501
+        )
     yield url
 
 

@@ -320,7 +320,7 @@ def test_an_address_is_limited_across_emails_and_a_success_never_resets_it():
 
 @pytest.mark.parametrize(
     "limit", ["LOGIN_RATE_LIMIT", "LOGIN_ACCOUNT_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT"]
-)  # noqa: E501
+)
 def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, caplog, monkeypatch):
     client = create_app(TEST_CONFIG | {limit: "1 per minute"}).test_client()
     monkeypatch.setattr(logging.getLogger("audit"), "handlers", [caplog.handler])
@@ -338,7 +338,7 @@ def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, caplog,
              "LOGIN_ADDRESS_RATE_LIMIT": "address"}  # fmt: skip
     throttled = [
         json.loads(r.getMessage()) for r in caplog.records if "login_throttled" in r.getMessage()
-    ]  # noqa: E501
+    ]
     assert throttled and {record["limit"] for record in throttled} == {names[limit]}
 
 
@@ -413,7 +413,7 @@ def test_a_store_that_fails_mid_login_is_a_503_never_a_500(redis_url, redis_clie
     # succeeds, then writing the session fails, as when Redis dies between the two.
     redis_client.acl_setuser(
         "half", enabled=True, passwords=["+pw"], keys=["LIMITS*"], commands=["+@all"]
-    )  # noqa: E501
+    )
     try:
         half = redis_url.replace("redis://", "redis://half:pw@")
         url = start_server(REDIS_URL=half)
@@ -425,7 +425,7 @@ def test_a_store_that_fails_mid_login_is_a_503_never_a_500(redis_url, redis_clie
 
 def test_redis_down_during_logins_is_a_503_and_counts_again_when_it_returns(
     own_redis, start_server
-):  # noqa: E501
+):
     url = start_server(REDIS_URL=own_redis.url, LOGIN_RATE_LIMIT="2 per 15 minutes")
     own_redis.stop()
     for _ in range(3):
@@ -577,17 +577,17 @@ def test_one_address_cannot_lock_an_account_out_for_others(client):
     config = TEST_CONFIG | {
         "LOGIN_RATE_LIMIT": "2 per minute",
         "LOGIN_ACCOUNT_RATE_LIMIT": "5 per day",
-    }  # noqa: E501
+    }
     client = create_app(config).test_client()
     attacker = {"REMOTE_ADDR": "198.51.100.66"}
     statuses = [
         client.post("/login", json=WRONG, environ_base=attacker).status_code for _ in range(8)
-    ]  # noqa: E501
+    ]
     assert statuses == [401, 401] + [429] * 6
     assert (
         client.post("/login", json=DEMO, environ_base={"REMOTE_ADDR": "192.0.2.1"}).status_code
         == 200
-    )  # noqa: E501
+    )
 
 
 def test_a_token_of_ours_with_claims_of_the_wrong_type_is_refused(client):

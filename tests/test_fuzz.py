@@ -35,12 +35,12 @@ ROUTES = [
 # Every value a header can carry: Latin-1 text without control characters, as HTTP allows.
 HEADER_TEXT = st.text(
     st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80
-)  # noqa: E501
+)
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),  # noqa: E501
+    ),
     max_leaves=12,
 )
 # Mostly JSON, so that most examples get past the media type to the routes' own checks.
@@ -55,7 +55,7 @@ def b64(value):
 # Tokens whose header and payload are any JSON at all: the shapes a forger controls.
 FORGED = st.tuples(
     JSON_VALUES
-    | st.dictionaries(st.sampled_from(["typ", "kid", "alg", "crit", "b64"]), JSON_VALUES),  # noqa: E501
+    | st.dictionaries(st.sampled_from(["typ", "kid", "alg", "crit", "b64"]), JSON_VALUES),
     JSON_VALUES,
 ).map(lambda parts: f"{b64(parts[0])}.{b64(parts[1])}.c2ln")
 
@@ -91,9 +91,9 @@ def headers(tokens):
         HEADER_TEXT
         | st.sampled_from([f"Bearer {t}" for t in tokens])
         | HEADER_TEXT.map("Bearer {}".format)
-    )  # noqa: E501
+    )
     return st.fixed_dictionaries(
-        {"Content-Type": st.sampled_from(CONTENT_TYPES) | HEADER_TEXT},  # noqa: E501
+        {"Content-Type": st.sampled_from(CONTENT_TYPES) | HEADER_TEXT},
         optional={
             "Authorization": authorization,
             "X-CSRF-Token": HEADER_TEXT,
@@ -102,9 +102,7 @@ def headers(tokens):
             "Cookie": st.lists(
                 st.tuples(st.sampled_from(["refresh_token", "csrf_token", "x"]), HEADER_TEXT),
                 max_size=3,
-            ).map(  # noqa: E501
-                lambda pairs: "; ".join(f"{k}={v}" for k, v in pairs)
-            ),
+            ).map(lambda pairs: "; ".join(f"{k}={v}" for k, v in pairs)),
         },
     )
 
@@ -143,7 +141,7 @@ def test_no_input_to_any_route_is_a_500(fuzzed_app, method, path, data):
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     csrf=HEADER_TEXT, cookie_csrf=HEADER_TEXT, refresh=HEADER_TEXT, origin=st.none() | HEADER_TEXT
-)  # noqa: E501
+)
 def test_any_value_in_the_headers_and_cookies_the_browser_flow_reads(
     fuzzed_app, path, csrf, cookie_csrf, refresh, origin
 ):
@@ -169,14 +167,14 @@ def test_any_value_in_authorization_and_user_agent(fuzzed_app, route, authorizat
 FORGED_AT = {
     "GET /me": lambda client, token: client.get(
         "/me", headers={"Authorization": f"Bearer {token}"}
-    ),  # noqa: E501
+    ),
     "GET /sessions": lambda client, token: client.get(
         "/sessions", headers={"Authorization": f"Bearer {token}"}
-    ),  # noqa: E501
+    ),
     "POST /token": lambda client, token: client.post("/token", json={"refreshToken": token}),
     "POST /logout": lambda client, token: client.post(
         "/logout", json={"refreshToken": token, "scope": "global"}
-    ),  # noqa: E501
+    ),
     "POST /introspect": lambda client, token: client.post(
         "/introspect", data={"token": token}, auth=("fuzz", "fuzz-client-secret-0123456789")
     ),
@@ -195,7 +193,7 @@ def test_any_forged_token_is_refused_never_a_500(fuzzed_app, where, token):
 
 RAW_HEADER_BYTES = st.binary(max_size=60).map(
     lambda raw: raw.replace(b"\r", b"").replace(b"\n", b"")
-)  # noqa: E501
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -204,7 +202,7 @@ RAW_HEADER_BYTES = st.binary(max_size=60).map(
     value=RAW_HEADER_BYTES,
     name=st.sampled_from(
         [b"Authorization", b"Cookie", b"X-CSRF-Token", b"Origin", b"User-Agent", b"Content-Type"]
-    ),  # noqa: E501
+    ),
     body=st.binary(max_size=100) | st.just(json.dumps(DEMO).encode()),
 )
 def test_raw_bytes_in_headers_never_make_a_500(live_server_module, route, value, name, body):
@@ -213,7 +211,7 @@ def test_raw_bytes_in_headers_never_make_a_500(live_server_module, route, value,
     request = b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" % (
         method.encode(),
         path.encode(),
-    )  # noqa: E501
+    )
     if name == b"Authorization":
         value = b"Bearer " + value
     request += b"%s: %s\r\nContent-Length: %d\r\n\r\n" % (name, value, len(body)) + body
@@ -229,7 +227,7 @@ def test_raw_bytes_in_headers_never_make_a_500(live_server_module, route, value,
             line.split(b":", 1)[1].strip().decode()
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"content-type:")
-        ),  # noqa: E501
+        ),
         "",
     )
     if status == 400 and not content_type:
@@ -250,6 +248,6 @@ def live_server_module(tmp_path_factory):
         PORT=str(port),
         LOGIN_RATE_LIMIT="1000 per minute",
         LOGIN_ADDRESS_RATE_LIMIT="1000 per minute",
-    )  # noqa: E501
+    )
     with serve([sys.executable, str(ROOT / "server.py")], env, folder, port) as (url, _):
         yield url

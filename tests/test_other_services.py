@@ -751,7 +751,7 @@ def test_successful_client_authentication_is_not_counted():
 
 def test_a_clients_own_calls_at_the_same_moment_are_never_throttled(
     start_server, redis_url, redis_client
-):  # noqa: E501
+):
     # Only failures count: a busy resource server's parallel checks must all get through.
     url = start_server(
         **TEST_CONFIG, REDIS_URL=redis_url, LOGIN_RATE_LIMIT="3 per minute",
@@ -763,7 +763,7 @@ def test_a_clients_own_calls_at_the_same_moment_are_never_throttled(
         data=urllib.parse.urlencode({"token": access}).encode(),
         headers={
             "Authorization": "Basic " + base64.b64encode(b"posts:posts-secret-0123456789").decode()
-        },  # noqa: E501
+        },
     )
 
     def introspect(_):
@@ -841,14 +841,14 @@ def test_made_up_client_ids_cost_no_memory(redis_url, redis_client):
     app = create_app(
         TEST_CONFIG
         | {"REDIS_URL": redis_url, "INTROSPECTION_CLIENTS": "posts:posts-secret-0123456789"}
-    )  # noqa: E501
+    )
     client = app.test_client()
     for n in range(50):
         made_up = basic(f"{n}{'A' * 5000}", "whatever")
         assert client.post("/introspect", data={"token": "x"}, headers=made_up).status_code in (
             401,
             429,
-        )  # noqa: E501
+        )
     keys = redis_client.keys("LIMITS*")
     assert len(keys) == 1 and all(len(key) < 200 for key in keys)  # the address's, only
 
@@ -861,13 +861,13 @@ def test_a_removed_accounts_tokens_are_inactive_everywhere(tmp_path):
     config = TEST_CONFIG | {
         "USERS_FILE": str(users_file),
         "INTROSPECTION_CLIENTS": "posts:posts-secret-0123456789",
-    }  # noqa: E501
+    }
     first = create_app(config)
     tokens = (
         first.test_client()
         .post("/login", json={"email": "bob@example.com", "password": "bob password"})
         .json
-    )  # noqa: E501
+    )
     users_file.write_text("")  # bob is removed, and the service restarted with the same store
     second = create_app(config)
     second.extensions["store"] = first.extensions["store"]
@@ -878,7 +878,7 @@ def test_a_removed_accounts_tokens_are_inactive_everywhere(tmp_path):
     for token in (tokens["accessToken"], tokens["refreshToken"]):
         answer = client.post(
             "/introspect", data={"token": token}, headers=basic("posts", "posts-secret-0123456789")
-        )  # noqa: E501
+        )
         assert answer.json == {"active": False}
 
 

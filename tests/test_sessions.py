@@ -108,7 +108,7 @@ def test_sessions_lists_the_callers_live_sessions_most_recent_first(actions):
     assert [s["id"] for s in sessions] == [
         sid_of(first["accessToken"]),
         sid_of(second["accessToken"]),
-    ]  # noqa: E501
+    ]
     assert [s["current"] for s in sessions] == [False, True]
     for session in sessions:
         assert session.keys() == SESSION_FIELDS
@@ -329,7 +329,7 @@ def test_a_login_beyond_the_cap_evicts_the_least_recently_used(make_app, caplog,
         assert len(actions.sessions(newest["accessToken"]).json["sessions"]) == 2
     evicted = [
         json.loads(r.getMessage()) for r in caplog.records if "session_evicted" in r.getMessage()
-    ]  # noqa: E501
+    ]
     assert [e["session"] for e in evicted] == [sid_of(used["accessToken"])[:8]]
 
 
@@ -458,7 +458,7 @@ def test_a_global_logout_racing_sixteen_refreshes_leaves_nothing_alive(real_serv
                 "POST",
                 "/logout",
                 {"refreshToken": sessions[0]["refreshToken"], "scope": "global"},
-            )  # noqa: E501
+            )
         return call(base, "POST", "/token", {"refreshToken": sessions[n % 4]["refreshToken"]})
 
     results = released_together(17, act)

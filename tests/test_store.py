@@ -58,7 +58,7 @@ def test_rotation_replaces_the_current_token(store):
         NOW + 5,
         NOW + 5,
         "10.0.0.2",
-    )  # noqa: E501
+    )
     assert after.expires_at == session.expires_at  # rotation never extends a session
     assert rotate(store, after, "jti-2", NOW + 6, "jti-3")[0] is Rotation.ROTATED
 

@@ -370,12 +370,12 @@ def test_the_readme_production_path_through_the_real_flask_command(tmp_path, sta
     assert added.returncode == 0, added.stderr
     listed = subprocess.run(
         [*flask, "list"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )  # noqa: E501
+    )
     assert listed.stdout == "alice@example.com\n"
     assert "argon2id" not in listed.stdout + listed.stderr
     url, _ = start_cluster(
         APP_ENV="production", USERS_FILE=str(tmp_path / "users.txt"), DEMO_USER_PASSWORD=""
-    )  # noqa: E501
+    )
     alice = {"email": "alice@example.com", "password": "alice's password"}
     assert call(url, "POST", "/login", alice)[0] == 200
     assert call(url, "POST", "/login", DEMO)[0] == 401
@@ -387,9 +387,7 @@ def test_remove_ends_the_accounts_sessions(cli, users_file):
     store, now = cli.app.extensions["store"], 1_800_000_000
     alice = users.Users.load(
         str(users_file), required=True, log=logging.getLogger("t")
-    ).authenticate(  # noqa: E501
-        "alice@example.com", "secret"
-    )
+    ).authenticate("alice@example.com", "secret")
     session = Policy().new_session(alice.id, now, "curl", "127.0.0.1")
     store.start(session, now)
     result = cli("remove", "alice@example.com")
