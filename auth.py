@@ -26,6 +26,9 @@ from users import User, get_users
 ACCESS = "at+jwt"
 REFRESH = "rt+jwt"
 KIND_NAMES = {ACCESS: "an access token", REFRESH: "a refresh token"}
+# RFC 9068 §2.2 requires client_id: every client here (the page, curl, Postman) is this
+# service's own first-party client, with no registration of its own, so one id names them all.
+CLIENT_ID = "first-party"
 # RFC 8725 §3.1: bound the work a stranger's input can cost before any decoding.
 MAX_TOKEN_LENGTH = 8192
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "sid", "jti", "iss", "aud"]
@@ -65,7 +68,7 @@ class Tokens:
     def issue_access(self, session: Session, now: int) -> tuple[str, int]:
         """Return a new access token of ``session`` and its lifetime: never past the session's."""
         expires_at = min(now + self.access_ttl, session.expires_at)
-        claims = self._claims(session, new_id(), now, expires_at)
+        claims = self._claims(session, new_id(), now, expires_at) | {"client_id": CLIENT_ID}
         return self._sign(claims, self.access_keys, ACCESS), expires_at - now
 
     def issue_refresh(self, session: Session) -> str:

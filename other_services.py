@@ -17,7 +17,7 @@ from limits import parse
 from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter
 
-from auth import ACCESS, REFRESH, InvalidToken, get_tokens, live_session, same_text
+from auth import ACCESS, CLIENT_ID, REFRESH, InvalidToken, get_tokens, live_session, same_text
 from errors import APIError
 from throttle import Limit, throttled
 from web import audit, client_address, form_body
@@ -144,4 +144,6 @@ def active_claims(token: str, kind: str) -> dict[str, Any] | None:
         return None  # spent: only a session's current refresh token is active
     token_type = "access_token" if kind == ACCESS else "refresh_token"
     fields = ("sub", "sid", "exp", "iat", "jti", "iss", "aud")
-    return {"active": True, "token_type": token_type} | {name: claims[name] for name in fields}
+    # RFC 7662 §2.2: client_id, the client the token was issued to; one for both kinds here.
+    answer = {"active": True, "token_type": token_type, "client_id": CLIENT_ID}
+    return answer | {name: claims[name] for name in fields}

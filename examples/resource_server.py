@@ -61,8 +61,8 @@ POSTS = (
     {"author": "dGIQiYT2Kdss7Rrr", "title": "Post 1"},
     {"author": "_42YGfwOEr8NJIku", "title": "Post 2"},
 )
-# RFC 8725 §3.11: only a token that says it is an access token (RFC 9068 names at+jwt).
-ACCESS = "at+jwt"
+# RFC 8725 §3.11: only a token that says it is an access token; RFC 9068 §4 names both spellings.
+ACCESS_TYPES = {"at+jwt", "application/at+jwt"}
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "jti"]
 # RFC 8725 §3.10: headers that point at keys elsewhere; we never fetch one, and refuse them.
 KEY_POINTER_HEADERS = {"jku", "x5u", "jwk", "x5c"}
@@ -147,7 +147,9 @@ def verify(token: str) -> str:
     config = current_app.config
     try:
         header = jwt.get_unverified_header(token)
-        if header.get("typ") != ACCESS:
+        typ = header.get("typ")
+        # RFC 7515 §4.1.9: a typ is a media type, and media types compare case-insensitively.
+        if not (isinstance(typ, str) and typ.lower() in ACCESS_TYPES):
             raise InvalidToken("It is not an access token.")
         if KEY_POINTER_HEADERS & header.keys():
             raise InvalidToken("Its header points at a key; keys come only from the auth service.")

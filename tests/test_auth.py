@@ -11,6 +11,8 @@ from .conftest import ACCESS_SECRET, REFRESH_SECRET
 
 NOW = 1_800_000_000
 OLD_ACCESS = "an-old-access-secret-0123456789abcdef"
+# RFC 9068 §2.2: the claims every JWT access token must carry.
+RFC_9068_CLAIMS = {"iss", "exp", "aud", "sub", "client_id", "iat", "jti"}
 
 
 def make_tokens(access=ACCESS_SECRET, refresh=REFRESH_SECRET, previous=()):
@@ -37,12 +39,13 @@ def test_access_token_claims(tokens):
     token, expires_in = tokens.issue_access(s, NOW)
     header, claims = unverified(token)
     assert header == {"alg": "HS256", "typ": "at+jwt", "kid": hmac_kid(ACCESS_SECRET)}
-    assert claims.keys() == {"iss", "aud", "sub", "sid", "iat", "exp", "jti"}
-    assert (claims["sub"], claims["sid"], claims["iat"], claims["exp"]) == (
+    assert claims.keys() == RFC_9068_CLAIMS | {"sid"}
+    assert (claims["sub"], claims["sid"], claims["iat"], claims["exp"], claims["client_id"]) == (
         "7",
         s.id,
         NOW,
         NOW + 900,
+        "first-party",
     )
     assert expires_in == 900
 

@@ -625,9 +625,11 @@ def test_introspection_of_a_live_token(field, token_type, hint):
     token = actions.tokens()[field]
     claims = claims_of(token)
     # RFC 7662 §2.1: a hint only orders the search; a wrong one still finds the token.
-    assert actions.answer(token, hint=hint) == {"active": True, "token_type": token_type} | {
-        name: claims[name] for name in FIELDS
-    }
+    assert actions.answer(token, hint=hint) == {
+        "active": True,
+        "token_type": token_type,
+        "client_id": "first-party",  # RFC 7662 §2.2: the client the token was issued to
+    } | {name: claims[name] for name in FIELDS}
 
 
 def expired_access(actions):

@@ -117,6 +117,13 @@ def test_hs256_token_lists_the_posts_of_its_user():
     assert stranger.json == {"posts": []}
 
 
+# RFC 9068 §4: both spellings of the media type; RFC 7515 §4.1.9: compared case-insensitively.
+@pytest.mark.parametrize("typ", ["at+jwt", "application/at+jwt", "AT+JWT", "Application/At+Jwt"])
+def test_hs256_accepts_either_spelling_of_the_access_token_type(typ):
+    client = create_app(HS256).test_client()
+    assert client.get("/posts", headers=bearer(mint(SECRET, typ=typ))).json == POST_1
+
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
@@ -132,6 +139,12 @@ def test_hs256_token_lists_the_posts_of_its_user():
         (bearer(mint(SECRET, ttl=-60)), ("invalid_token", "Signature has expired.")),
         (bearer(mint(SECRET, typ="rt+jwt")), ("invalid_token", "It is not an access token.")),
         (bearer(mint(SECRET, typ=None)), ("invalid_token", "It is not an access token.")),
+        (
+            bearer(mint(SECRET, typ="application/rt+jwt")),
+            ("invalid_token", "It is not an access token."),
+        ),
+        (bearer(mint(SECRET, typ="JWT")), ("invalid_token", "It is not an access token.")),
+        (bearer(mint(SECRET, typ=1)), ("invalid_token", "It is not an access token.")),
         (bearer(mint(None, "none")), ("invalid_token", "The specified alg value is not allowed.")),
         (bearer(mint(SECRET, aud="other")), ("invalid_token", "Audience doesn't match.")),
         (bearer(mint(SECRET, iss="other")), ("invalid_token", "Invalid issuer.")),
