@@ -54,6 +54,9 @@ GRANIAN = (
 SERVERS = {
     "granian": GRANIAN.format(threads=THREADS) + " bench.app:create_bench_app",
     "granian-1-thread": GRANIAN.format(threads=1) + " bench.app:create_bench_app",
+    # The production command's interface: bodies read before a thread (slow_clients.py).
+    "granian-rsgi": BIN + "/granian --interface rsgi --factory --workers 1 --host 127.0.0.1 "
+    "--port {port} bench.app:create_bench_app",
     "gunicorn": BIN + "/gunicorn --workers 1 --timeout 600 --bind 127.0.0.1:{port} "
     "bench.app:create_bench_app()",
     "gunicorn-gthread": BIN + "/gunicorn --workers 1 --threads 4 --worker-class gthread "

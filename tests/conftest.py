@@ -234,8 +234,8 @@ def live_server(start_server):
 def granian(port, workers=2):
     """The README's production command, on a free port."""
     return [
-        GRANIAN, "--interface", "wsgi", "--factory", "--workers", str(workers),
-        "--blocking-threads", "2", "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+        GRANIAN, "--interface", "rsgi", "--factory", "--workers", str(workers),
+        "--host", "127.0.0.1", "--port", str(port), "server:create_app",
     ]  # fmt: skip
 
 
