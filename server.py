@@ -20,6 +20,7 @@ import other_services
 import redis_store
 import sessions
 import settings
+import slow_clients
 import store
 import throttle
 import users
@@ -48,6 +49,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     throttle.init_app(app)  # login limits
     auth.init_app(app)  # the keys of both kinds of token
     users.init_app(app)  # the accounts, and the `flask users` commands
+    slow_clients.init_app(app)  # bodies read before a thread: `granian --interface rsgi`
 
     app.register_blueprint(api)  # the story: below
     app.register_blueprint(sessions.bp)  # GET /sessions, DELETE /sessions/<id>
