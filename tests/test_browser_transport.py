@@ -1,6 +1,5 @@
-"""The browser transport's CSRF tokens, below the routes (test_server drives them over HTTP)."""
+"""The browser transport: the refresh token in a cookie, its CSRF checks, and the page's headers."""
 
-import logging
 import time
 
 import pytest
@@ -15,14 +14,6 @@ from .conftest import (
     PRODUCTION,
     TEST_CONFIG,
 )
-
-LOG = logging.getLogger("test")
-TOKEN_FIELDS = {"accessToken", "refreshToken", "tokenType", "expiresIn"}
-INVALID_CREDENTIALS = {
-    "error": "invalid_credentials",
-    "message": "The email or password is incorrect.",
-}
-
 
 OLD_REFRESH = "an-old-refresh-secret-0123456789abcdef"
 

@@ -22,11 +22,6 @@ from .conftest import (
 )
 
 LOG = logging.getLogger("test")
-TOKEN_FIELDS = {"accessToken", "refreshToken", "tokenType", "expiresIn"}
-INVALID_CREDENTIALS = {
-    "error": "invalid_credentials",
-    "message": "The email or password is incorrect.",
-}
 
 
 # --- settings ------------------------------------------------------------------------------
