@@ -141,6 +141,10 @@ def wsgi_environ(scope: Any) -> dict[str, Any]:
         "wsgi.url_scheme": scope.scheme,
     }
     for name, value in scope.headers.items():
+        if "_" in name:
+            # X_Forwarded_For would become HTTP_X_FORWARDED_FOR, the header a trusted proxy
+            # sets: dropped, as gunicorn and nginx drop them (CWE-444).
+            continue
         if name == "content-type":
             key = "CONTENT_TYPE"
         elif name == "content-length":

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from server import create_app
-from slow_clients import RSGIServer
+from slow_clients import RSGIServer, wsgi_environ
 
 from .conftest import DEMO, GRANIAN, ROOT, TEST_CONFIG, call, granian
 
@@ -198,3 +198,22 @@ def test_a_body_in_time_is_served_and_one_too_large_refused(production, pieces, 
     answer = exchange(production, pieces, pause=0.5)
     assert answer.startswith(b"HTTP/1.1 %d " % status)
     assert time.monotonic() - started < FEW_SECONDS
+
+
+class Headers(dict):
+    """RSGI's headers: a mapping of lower-case names."""
+
+
+def test_header_names_with_underscores_never_pass_for_a_proxys_headers():
+    # CWE-444: X_Forwarded_For must not become the HTTP_X_FORWARDED_FOR a trusted proxy sets.
+    scope = type("Scope", (), {
+        "server": "127.0.0.1:3000", "client": "203.0.113.9:5000", "http_version": "1.1",
+        "method": "GET", "path": "/me", "query_string": "", "scheme": "http",
+        "authority": None,
+        "headers": Headers({"host": "x", "x-forwarded-for": "198.51.100.1",
+                            "x_forwarded_for": "10.0.0.1", "content_type": "text/html"}),
+    })()  # fmt: skip
+    environ = wsgi_environ(scope)
+    assert environ["HTTP_X_FORWARDED_FOR"] == "198.51.100.1"
+    assert "CONTENT_TYPE" not in environ and "HTTP_CONTENT_TYPE" not in environ
+    assert environ["REMOTE_ADDR"] == "203.0.113.9"
