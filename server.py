@@ -66,8 +66,9 @@ def login() -> Response:
     email = text_field(body, "email", MAX_EMAIL_LENGTH)  # bounded before any work
     password = text_field(body, "password", MAX_PASSWORD_LENGTH)
     browser.choose_transport(body)
+    guard, address = get_login_guard(), client_address()
     try:
-        get_login_guard().count_attempt(email, client_address())  # before any hashing
+        guard.count_attempt(email, address)  # before any hashing
     except Throttled as error:
         audit("login_throttled", limit=error.limit)
         raise
@@ -76,10 +77,10 @@ def login() -> Response:
         audit("login_failed")
         # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
         raise APIError(401, "invalid_credentials", "The email or password is incorrect.")
-    get_login_guard().succeeded(email, client_address())
+    guard.succeeded(email, address)
     now = int(time.time())
     user_agent = request.headers.get("User-Agent", "")[:MAX_USER_AGENT]
-    session = get_policy().new_session(user.id, now, user_agent, client_address())
+    session = get_policy().new_session(user.id, now, user_agent, address)
     for evicted in get_store().start(session, now):
         # OWASP Session Management Cheat Sheet: a cap on sessions per user; the oldest goes.
         audit("session_evicted", user=user.id, session=evicted[:8])
