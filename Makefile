@@ -1,6 +1,7 @@
 # `make run` serves the app and `make test` runs the tests, each in .venv, made when missing:
 # Debian's system Python refuses `pip install` outside a virtual environment (PEP 668).
 # Requirements are installed again only when a requirements file changed (a stamp in .venv).
+# PYTEST_ARGS adds pytest options: CI runs `make test PYTEST_ARGS=--cov` (coverage, pyproject).
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
@@ -10,7 +11,7 @@ run: $(VENV)/installed-run
 	$(PYTHON) server.py
 
 test: $(VENV)/installed-test
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
