@@ -18,7 +18,7 @@ import jwt
 from flask import Flask, current_app, g, request
 
 from errors import APIError
-from keys import KeyRing, eddsa_ring, hmac_ring
+from keys import Key, KeyRing, eddsa_ring, hmac_ring
 from store import Session, get_store, new_id
 from users import User, get_users
 
@@ -82,6 +82,11 @@ class Tokens:
 
     def decode(self, token: str, kind: str) -> dict[str, Any]:
         """Return the claims of a valid token of this kind, or raise InvalidToken."""
+        ring, key = self.key_for(token, kind)
+        return self.verify(token, ring, key)
+
+    def key_for(self, token: str, kind: str) -> tuple[KeyRing, Key]:
+        """Check the token's length and header; return the ring and key that must verify it."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken("The token is longer than any token this service issues.")
         header = unverified_header(token)
@@ -97,6 +102,10 @@ class Tokens:
         if key is None:
             # RFC 7515 §4.1.4: the kid names the key; one we do not hold (or retired) fails.
             raise InvalidToken("The token is signed with a key this service does not hold.")
+        return ring, key
+
+    def verify(self, token: str, ring: KeyRing, key: Key) -> dict[str, Any]:
+        """Check the token's signature with ``key`` and its claims; return them."""
         try:
             claims = jwt.decode(
                 token,

@@ -23,6 +23,7 @@ import settings
 import slow_clients
 import store
 import throttle
+import token_cache
 import users
 import web
 from auth import InvalidToken, SessionEnded, get_tokens, live_account, token_required
@@ -48,6 +49,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     redis_store.init_app(app)  # ...or in Redis, where REDIS_URL says
     throttle.init_app(app)  # login limits
     auth.init_app(app)  # the keys of both kinds of token
+    token_cache.init_app(app)  # verified access tokens, remembered until they expire
     users.init_app(app)  # the accounts, and the `flask users` commands
     slow_clients.init_app(app)  # bodies read before a thread: `granian --interface rsgi`
 

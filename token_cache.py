@@ -1,0 +1,90 @@
+"""Verified access tokens, remembered: a token already checked skips its signature check.
+
+What Envoy's ``jwt_authn`` filter (its ``jwt_cache_config``) and API gateways do: each process
+keeps a bounded cache keyed by the exact token string, holding the claims its signature check
+returned, and never past the token's own ``exp``. Only the signature and claims check is
+skipped: the token's length and header are checked first on every request, as before, and the
+session check (``auth.live_session``) still runs on every request, so a cached token opens
+nothing that logging out, reuse or a removed account has closed. A token that fails its check
+is never cached. Read auth.py first; this file is only a speed-up.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from flask import Flask
+
+from auth import Tokens
+from keys import Key, KeyRing
+
+# At most this many tokens per process. An entry is one of our own tokens (a few hundred bytes,
+# since only a token whose signature checked is kept) and its claims: about 1.5 KB, so the
+# whole cache stays under about 6 MB whatever clients send.
+MAX_ENTRIES = 4096
+
+
+class VerifiedTokens:
+    """At most ``max_entries`` verified tokens and their claims, each until its ``exp``."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        # token -> (the key that verified it, its exp, its claims); in insertion order, so
+        # the first entry is the oldest.
+        self._entries: dict[str, tuple[Key, int, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str, key: Key, now: float) -> dict[str, Any] | None:
+        """Return the claims of ``token`` if ``key`` verified it and it has not expired."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        verified_by, expires_at, claims = entry
+        if now >= expires_at:
+            with self._lock:
+                self._entries.pop(token, None)
+            return None
+        # A key is the process's own object: one another ring holds never matches.
+        return claims if verified_by is key else None
+
+    def put(self, token: str, key: Key, claims: dict[str, Any], now: float) -> None:
+        """Remember the claims ``key`` verified, unless the token is already past its exp."""
+        expires_at = claims["exp"]
+        if now >= expires_at:  # let through by the leeway: checked afresh each time
+            return
+        with self._lock:
+            entries = self._entries
+            while entries and (
+                len(entries) >= self.max_entries or next(iter(entries.values()))[1] <= now
+            ):
+                del entries[next(iter(entries))]  # the oldest, or one that has expired
+            entries[token] = (key, expires_at, claims)
+
+
+@dataclass(frozen=True)
+class CachingTokens(Tokens):
+    """Tokens that remember the access tokens they verified."""
+
+    verified: VerifiedTokens = field(default_factory=VerifiedTokens)
+
+    def verify(self, token: str, ring: KeyRing, key: Key) -> dict[str, Any]:
+        if ring is not self.access_keys:  # a refresh token is spent at once: nothing to gain
+            return super().verify(token, ring, key)
+        now = time.time()
+        claims = self.verified.get(token, key, now)
+        if claims is None:
+            claims = super().verify(token, ring, key)  # raises InvalidToken: never cached
+            self.verified.put(token, key, claims, now)
+        return dict(claims)  # the caller's own copy
+
+
+def init_app(app: Flask) -> None:
+    """Give the app Tokens that remember verified access tokens; after ``auth.init_app``."""
+    tokens = app.extensions["tokens"]
+    app.extensions["tokens"] = CachingTokens(
+        **{part.name: getattr(tokens, part.name) for part in fields(Tokens)}
+    )
