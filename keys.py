@@ -9,6 +9,7 @@ Run ``python keys.py generate PATH`` to make an Ed25519 key pair for EdDSA acces
 
 import base64
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     load_pem_public_key,
 )
+from jwt.algorithms import HMACAlgorithm
 
 from settings import ConfigError
 
@@ -37,6 +40,24 @@ HMAC_KID_LABEL = b"jwt-refresh-service hmac kid\x00"
 HMAC_KID_LENGTH = 16  # base64url characters: 96 bits, plenty to tell a few secrets apart
 PRIVATE_KEY_SETTING = "ACCESS_TOKEN_PRIVATE_KEY_FILE"
 PUBLIC_KEYS_SETTING = "ACCESS_TOKEN_PREVIOUS_PUBLIC_KEY_FILES"
+
+
+class CheckedOnceHMAC(HMACAlgorithm):
+    """PyJWT's HS256, its checks of a key run once per key instead of on every token.
+
+    PyJWT checks an HMAC key each time it signs or verifies (that it is not empty, and not a
+    public key or certificate posing as a secret: the algorithm-confusion attack of RFC 8725
+    §2.1). Our keys come from the settings and never change while the process runs, so the
+    answer for each is remembered; a key that fails the check raises every time, as before.
+    """
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - registered once, it lives as long as we do
+    def prepare_key(self, key: str | bytes) -> bytes:
+        return super().prepare_key(key)
+
+
+jwt.unregister_algorithm("HS256")
+jwt.register_algorithm("HS256", CheckedOnceHMAC(HMACAlgorithm.SHA256))
 
 
 @dataclass(frozen=True)

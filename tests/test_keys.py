@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 from jwt.algorithms import OKPAlgorithm
+from jwt.api_jws import _jws_global_obj
 
-from keys import cli, eddsa_ring, hmac_kid, hmac_ring, thumbprint
+from keys import CheckedOnceHMAC, cli, eddsa_ring, hmac_kid, hmac_ring, thumbprint
 from settings import ConfigError
 
 SECRET = "current-secret-0123456789abcdefghij"
@@ -233,3 +234,25 @@ def test_key_files_may_start_with_a_tilde(tmp_path, monkeypatch):
     write(tmp_path, "key.pem.pub", public_pem(key))
     ring = eddsa_ring("~/key.pem", ["~/key.pem.pub"], LOG, allow_generated=False)
     assert ring.current.kid == RFC8037_THUMBPRINT
+
+
+def test_hs256_checks_each_key_once_and_still_refuses_a_public_key_posing_as_a_secret():
+    algorithm = _jws_global_obj.get_algorithm_by_name("HS256")
+    assert isinstance(algorithm, CheckedOnceHMAC)
+    secret = "a-secret-used-for-this-test-only-0123456789"
+    claims = {"sub": "7"}
+    before = CheckedOnceHMAC.prepare_key.cache_info()
+    for _ in range(5):
+        token = jwt.encode(claims, secret, "HS256")
+        assert jwt.decode(token, secret, algorithms=["HS256"]) == claims
+    after = CheckedOnceHMAC.prepare_key.cache_info()
+    assert after.misses - before.misses == 1 and after.hits - before.hits == 9
+    # RFC 8725 §2.1: a public key used as an HMAC secret is refused on every call, never cached.
+    public_pem = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    for _ in range(3):
+        with pytest.raises(jwt.InvalidKeyError):
+            jwt.encode(claims, public_pem, "HS256")
