@@ -185,12 +185,16 @@ def run_to_end(command, env, cwd, timeout=30):
     return process.returncode, output.decode(errors="replace")
 
 
-def stop_group(process):
-    """Stop a process and every process of its session, even if the leader is gone."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_group(process, grace=3):
+    """Stop a process and every process of its session, even if the leader is gone.
+
+    SIGTERM first; after `grace` seconds, SIGKILL: granian waits for open keep-alive
+    connections before it stops, and a test's clients may leave one open.
+    """
+    for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
-            process.wait(timeout=10)
+            process.wait(timeout=timeout)
             return
         except ProcessLookupError:
             process.wait()

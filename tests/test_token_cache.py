@@ -12,22 +12,22 @@ from token_cache import MAX_ENTRIES, CachingTokens, VerifiedTokens
 
 from .conftest import ACCESS_SECRET, REFRESH_SECRET, released_together
 
-NOW = int(time.time())  # PyJWT checks exp against the real clock: tokens are minted around it
 
-
-def caching_tokens(access=ACCESS_SECRET, previous=(), verified=None, access_ttl=900):
+def caching_tokens(access=ACCESS_SECRET, previous=(), verified=None, access_ttl=900, leeway=5):
     return CachingTokens(
         hmac_ring(access, list(previous)),
         hmac_ring(REFRESH_SECRET, []),
         access_ttl,
         "issuer",
         "audience",
-        5,
+        leeway,
         verified=VerifiedTokens() if verified is None else verified,
     )
 
 
-def access_token(tokens, now=NOW, user="7"):
+def access_token(tokens, now=None, user="7"):
+    """Mint an access token at ``now`` (default: the real clock, which PyJWT checks exp by)."""
+    now = int(time.time()) if now is None else now
     session = Policy().new_session(user, now, "curl/8", "127.0.0.1")
     return tokens.issue_access(session, now)[0]
 
@@ -59,7 +59,7 @@ def test_a_verified_access_token_skips_only_its_signature_check(signature_checks
 
 def test_refresh_tokens_are_never_cached(signature_checks):
     tokens = caching_tokens()
-    session = Policy().new_session("7", NOW, "curl/8", "127.0.0.1")
+    session = Policy().new_session("7", int(time.time()), "curl/8", "127.0.0.1")
     refresh = tokens.issue_refresh(session)
     tokens.decode(refresh, REFRESH)
     tokens.decode(refresh, REFRESH)
@@ -89,12 +89,13 @@ def test_a_token_that_fails_its_check_is_never_cached(spoil, signature_checks):
 
 
 def test_an_expired_token_is_never_cached_even_within_the_leeway(signature_checks):
-    tokens = caching_tokens(access_ttl=2)
-    within_leeway = access_token(tokens, now=NOW - 4)  # exp 2 s ago; the leeway is 5 s
+    tokens = caching_tokens(access_ttl=2, leeway=120)
+    now = int(time.time())
+    within_leeway = access_token(tokens, now=now - 30)  # exp 28 s ago; the leeway is 120 s
     assert tokens.decode(within_leeway, ACCESS)["sub"] == "7"
     tokens.decode(within_leeway, ACCESS)
     assert len(signature_checks) == 2 and len(tokens.verified) == 0
-    long_expired = access_token(tokens, now=NOW - 60)
+    long_expired = access_token(tokens, now=now - 300)
     with pytest.raises(InvalidToken, match="expired"):
         tokens.decode(long_expired, ACCESS)
     assert len(tokens.verified) == 0
