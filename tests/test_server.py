@@ -11,6 +11,7 @@ import time_machine
 
 from server import create_app
 from settings import ConfigError, load_settings
+from web import audit
 
 from .conftest import (
     ACCESS_SECRET,
@@ -23,6 +24,7 @@ from .conftest import (
     call,
     free_port,
     refresh_body,
+    released_together,
     serve,
     user_env,
 )
@@ -455,13 +457,13 @@ def test_throttling_ends_when_the_window_passes():
 # --- the audit log -------------------------------------------------------------------------
 
 
-def audit_records(caplog):
-    return [json.loads(record.getMessage()) for record in caplog.records if record.name == "audit"]
+def audit_records(stderr):
+    """The audit lines among what was written to stderr: one JSON object per line."""
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith('{"time"')]
 
 
-def test_security_events_are_audited_without_secrets(caplog, monkeypatch):
+def test_security_events_are_audited_without_secrets(capsys):
     client = create_app(TEST_CONFIG | {"LOGIN_RATE_LIMIT": "1 per minute"}).test_client()
-    monkeypatch.setattr(logging.getLogger("audit"), "handlers", [caplog.handler])
     actions = AuthActions(client)
     tokens = actions.tokens()
     rotated = actions.refresh(tokens["refreshToken"]).json
@@ -472,8 +474,9 @@ def test_security_events_are_audited_without_secrets(caplog, monkeypatch):
     actions.logout(again["refreshToken"])
     actions.login(password="wrong")
     actions.login(password="wrong")  # throttled
-    events = [record["audit"] for record in audit_records(caplog)]
-    assert events == [
+    stderr = capsys.readouterr().err
+    records = audit_records(stderr)
+    assert [record["audit"] for record in records] == [
         "login_succeeded",
         "refreshed",
         "refresh_replayed",
@@ -484,7 +487,6 @@ def test_security_events_are_audited_without_secrets(caplog, monkeypatch):
         "login_failed",
         "login_throttled",
     ]
-    records = audit_records(caplog)
     reuse = records[3]
     assert reuse["reason"] == "reuse" and reuse["user"] == DEMO_ID and reuse["ip"] == "127.0.0.1"
     assert records[6]["reason"] == "logout_local" and records[5]["scope"] == "local"
@@ -492,8 +494,22 @@ def test_security_events_are_audited_without_secrets(caplog, monkeypatch):
     assert all(len(record.get("session", "")) <= 8 for record in records)  # prefixes only
     for secret in [*tokens.values(), *rotated.values(), *again.values(), "wrong", "demo-password"]:
         if isinstance(secret, str) and secret not in ("Bearer",):
-            assert secret not in caplog.text
-    assert ACCESS_SECRET not in caplog.text and REFRESH_SECRET not in caplog.text
+            assert secret not in stderr
+    assert ACCESS_SECRET not in stderr and REFRESH_SECRET not in stderr
+
+
+def test_audit_lines_written_at_once_from_many_threads_stay_whole(app, capsys):
+    def write(n):
+        with app.test_request_context("/", environ_base={"REMOTE_ADDR": "127.0.0.1"}):
+            for i in range(200):
+                audit("refreshed", user=f"user-{n}", session=f"{i:08d}")
+
+    released_together(16, write)
+    records = audit_records(capsys.readouterr().err)
+    assert len(records) == 16 * 200
+    assert {(r["user"], r["session"]) for r in records} == {
+        (f"user-{n}", f"{i:08d}") for n in range(16) for i in range(200)
+    }
 
 
 # --- a shared store: Redis ------------------------------------------------------------------
