@@ -231,8 +231,9 @@ def run_folder() -> str:
     parent = Path(tempfile.gettempdir())
     for folder in parent.glob(RUN_FOLDER + "*"):
         pid, _, started = folder.name.removeprefix(RUN_FOLDER).partition("-")
-        if pid.isdigit() and started and process_start(int(pid)) != started:
-            shutil.rmtree(folder, ignore_errors=True)  # its run has ended
+        ended = pid.isdigit() and process_start(int(pid)) != started
+        if ended and folder.lstat().st_uid == os.getuid():  # never another user's
+            shutil.rmtree(folder, ignore_errors=True)  # never follows a symlink
     folder = parent / f"{RUN_FOLDER}{main}-{process_start(main)}"
     try:
         folder.mkdir(mode=0o700, exist_ok=True)

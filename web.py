@@ -140,7 +140,8 @@ def audit(event: str, **fields: str) -> None:
     """Log one JSON line per security event: ids and prefixes, never a token or password."""
     record = {"time": round(time.time(), 3), "audit": event, "ip": request.remote_addr}
     AUDIT_LOG.info("%s", json.dumps(record | {"pid": os.getpid(), **fields}))
-    audited.send(current_app._get_current_object(), event=event, fields=fields)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]  # the app itself
+    audited.send(app, event=event, fields=fields)
 
 
 @bp.get("/healthz")

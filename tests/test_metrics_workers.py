@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import urllib.parse
 import urllib.request
@@ -12,7 +13,16 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import DEMO, ROOT, call, free_port, refresh_body, run_to_end, serve
+from .conftest import (
+    DEMO,
+    ROOT,
+    call,
+    free_port,
+    refresh_body,
+    released_together,
+    run_to_end,
+    serve,
+)
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef0123456789"
 
@@ -67,6 +77,33 @@ def test_every_worker_counts_on_every_scrape(start_cluster, tmp_path):
     files = {path.name for path in folder.iterdir()}
     assert {f"counter_{pid}.db" for pid in login_pids(log_path)} <= files
     assert not stale.exists()
+
+
+def test_logins_sent_together_are_each_counted_once(start_cluster):
+    base, _ = start_cluster()
+    statuses = released_together(24, lambda _: call(base, "POST", "/login", DEMO)[0])
+    counts = scrape(base)
+    outcomes = {200: "succeeded", 429: "throttled", 503: "busy"}  # the limits count at once
+    assert set(statuses) <= set(outcomes) and 200 in statuses
+    for status, outcome in outcomes.items():
+        assert counts[("jwt_refresh_logins_total", ("outcome", outcome))] == statuses.count(status)
+
+
+def test_the_counts_of_a_worker_that_died_stay_in_the_totals(start_cluster, tmp_path):
+    respawn = {"GRANIAN_RESPAWN_FAILED_WORKERS": "true", "GRANIAN_RESPAWN_INTERVAL": "0.1"}
+    base, log_path = start_cluster(TMPDIR=str(tmp_path), **respawn)
+    count = spread_logins(base, log_path, at_least=6)
+    before = login_pids(log_path)
+    os.kill(min(before), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not login_pids(log_path) - before:  # until the worker in its place has served
+        assert time.monotonic() < deadline, "no worker took the dead one's place"
+        try:
+            count += call(base, "POST", "/login", DEMO)[0] == 200
+        except OSError:  # a connection the dead worker had accepted
+            continue
+    for _ in range(10):
+        assert succeeded(scrape(base)) == count
 
 
 def test_the_operator_names_the_folder(start_cluster, tmp_path):
