@@ -122,8 +122,8 @@ class Metrics:
             case "session_evicted":
                 self.sessions_ended.labels("cap").inc()
             case "password_changed":  # one line for all the sessions it ended: ended=<count>
-                ended = fields.get("ended", "0")
-                self.sessions_ended.labels("password_changed").inc(int(ended or 0))
+                if (ended := str(fields.get("ended", ""))).isdigit():
+                    self.sessions_ended.labels("password_changed").inc(int(ended))
             case "introspection_client_refused":
                 self.clients_refused.inc()
 

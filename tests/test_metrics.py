@@ -102,7 +102,8 @@ def test_sessions_ended_by_logout_scope(client, auth_actions, scope):
     body = {"refreshToken": second["refreshToken"], "scope": scope}
     assert client.post("/logout", json=body).status_code == 204
     assert ended(client, f"logout_{scope}") == {"local": 1, "others": 1, "global": 2}[scope]
-    assert first  # the other session, which "others" and "global" end
+    still_live = auth_actions.me(first["accessToken"]).status_code == 200
+    assert still_live == (scope == "local")  # the other session: what "others" ends too
 
 
 def test_sessions_ended_by_the_user_and_by_the_cap(auth_actions):
@@ -131,7 +132,17 @@ def test_a_password_change_counts_the_sessions_it_ended(app, client):
     # The contract for the password-change route: one audit line with the count it ended.
     with app.test_request_context("/password", method="POST"):
         audit("password_changed", user=DEMO_ID, ended="3")
-    assert ended(client, "password_changed") == 3
+        audit("password_changed", user=DEMO_ID, ended=2)  # a count as an int: the same
+        audit("password_changed", user=DEMO_ID)  # none ended, or not said: nothing to add
+        audit("password_changed", user=DEMO_ID, ended="-1")
+    assert ended(client, "password_changed") == 5
+
+
+def test_a_reason_the_metrics_do_not_know_is_other(app, client):
+    with app.test_request_context("/"):
+        audit("session_ended", user=DEMO_ID, reason="a_new_reason")
+    assert ended(client, "other") == 1
+    assert not [key for key in samples(client) if ("reason", "a_new_reason") in key[1]]
 
 
 def test_introspection_answers_and_refused_clients():
