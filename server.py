@@ -16,6 +16,7 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 
 import auth
 import browser
+import metrics
 import other_services
 import redis_store
 import sessions
@@ -52,6 +53,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     token_cache.init_app(app)  # verified access tokens, remembered until they expire
     users.init_app(app)  # the accounts, and the `flask users` commands
     slow_clients.init_app(app)  # bodies read before a thread: `granian --interface rsgi`
+    metrics.init_app(app)  # GET /metrics: counts of the audit line and of every request
 
     app.register_blueprint(api)  # the story: below
     app.register_blueprint(sessions.bp)  # GET /sessions, DELETE /sessions/<id>
@@ -96,6 +98,7 @@ def refresh() -> Response:
     try:
         claims = presented_refresh_claims(json_body())
     except InvalidToken as error:
+        audit("refresh_refused", reason="invalid_token")
         raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
     now, sid = int(time.time()), claims["sid"]
     outcome, session = get_store().rotate(
@@ -109,11 +112,13 @@ def refresh() -> Response:
             "This refresh token was already used, so the session was ended."
         )
     if session is None:
+        audit("refresh_refused", user=claims["sub"], session=sid[:8], reason="session_ended")
         raise invalid_refresh_token("This refresh token's session has ended.")
     try:
         live_account(session)
     except SessionEnded:
         get_store().end(sid, session.user_id, now)  # the account was removed
+        audit("refresh_refused", user=session.user_id, session=sid[:8], reason="account_removed")
         raise invalid_refresh_token("This refresh token's account no longer exists.") from None
     # A forgiven retry (Policy.accepts) is answered with the same current token, not a new one.
     retried = outcome is Rotation.FORGIVEN_RETRY

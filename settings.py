@@ -92,6 +92,8 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         "HOST": env.get("HOST") or "127.0.0.1",
         "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
         "REDIS_URL": _redis_url(env, "REDIS_URL"),
+        "METRICS_TOKEN": _optional_secret(env, "METRICS_TOKEN"),
+        "PROMETHEUS_MULTIPROC_DIR": _directory(env, "PROMETHEUS_MULTIPROC_DIR"),
     }
     if not settings["DEMO_USER_PASSWORD"] and not (production or server or settings["USERS_FILE"]):
         # Only the development server, with no accounts of its own, gets the well-known demo
@@ -127,6 +129,11 @@ def _checked_secret(name: str, value: str) -> str:
     return value
 
 
+def _optional_secret(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return _checked_secret(name, value) if value else None
+
+
 def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in (env.get(name) or "").split(",") if item.strip()]
 
@@ -159,6 +166,13 @@ def _integer(
         upper = f" and at most {maximum}" if maximum is not None else ""
         raise ConfigError(f"{name} must be at least {minimum}{upper}, not {value}.")
     return value
+
+
+def _directory(env: Mapping[str, str], name: str) -> str | None:
+    path = env.get(name) or None
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"{name} must name a directory that exists, not {path!r}.")
+    return path
 
 
 def _redis_url(env: Mapping[str, str], name: str) -> str | None:

@@ -11,6 +11,7 @@ import os
 import resource
 import time
 
+import metrics
 from auth import ACCESS
 from server import create_app
 from store import Policy
@@ -30,6 +31,10 @@ def create_bench_app():
     os.environ.setdefault("DEMO_USER_PASSWORD", "demo-password")  # a production server's rule
     for limit in ("LOGIN_RATE_LIMIT", "LOGIN_ACCOUNT_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT"):
         os.environ.setdefault(limit, "1000000 per second")
+    if os.environ.get("BENCH_METRICS") == "off":
+        # What the metrics cost, against the same app without them (run.py --metrics): the
+        # app as create_app builds it, but for metrics.init_app, which does nothing here.
+        metrics.init_app = lambda app: None
     app = create_app()
     store, tokens = app.extensions["store"], app.extensions["tokens"]
     policy, users = app.extensions["policy"], app.extensions["users"]

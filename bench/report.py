@@ -21,6 +21,8 @@ RATIO_TARGETS = [
     ("POST /token vs the Express original", "token", "ours", EXPRESS, 2.5),
     ("POST /token vs Flask-JWT-Extended", "token", "ours", FLASK_JWT_EXTENDED, 1.3),
     ("POST /token, Redis store vs memory store", "token", "redis", "ours", 0.6),
+    ("POST /token, metrics on vs off", "token", "ours", "without_metrics", 0.95),
+    ("GET /me, metrics on vs off", "me", "ours", "without_metrics", 0.95),
 ]
 LOGIN_P50_MS, LOGINS_PER_SECOND = 60, 15  # POST /login: p50 when idle, req/s on one core
 ROUTES = (("token", "POST /token"), ("me", "GET /me"))
@@ -98,6 +100,7 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
         return []
     fewest, most = min(run["sessions"] for run in runs), max(run["sessions"] for run in runs)
     names = {"ours": results["ours"], "redis": results["ours_redis"]}
+    names["without_metrics"] = results.get("ours_without_metrics", "")
     rows = []
     for what, route, numerator, denominator, at_least in RATIO_TARGETS:
         top = rps(runs, names.get(numerator, numerator), fewest, route)

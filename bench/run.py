@@ -2,6 +2,7 @@
 
     python bench/run.py --peers              # N = 0, 10k, 100k, 1M; ours and every peer
     python bench/run.py --smoke              # one small N, a few seconds (CI)
+    python bench/run.py --sessions 0 --metrics   # ours with metrics on and off
     python bench/run.py --peers --redis-url redis://127.0.0.1:6379/13   # and ours on Redis
     python bench/run.py --servers granian,gunicorn --sessions 0 --duration 10
     python bench/run.py --peer-cmd "name=node server.js"          # any peer, started here
@@ -92,6 +93,9 @@ def measure_all(args: argparse.Namespace, results: "Results") -> None:
     for sessions in args.sessions:
         for server in args.servers:
             results.measure(our_name(server), partial(measure_ours, server, sessions, args))
+        if args.metrics and sessions == min(args.sessions):
+            off = partial(measure_ours, ours, sessions, args, metrics=False)
+            results.measure(our_name(ours, metrics=False), off)
         if redis_url and sessions == min(args.sessions):
             on_redis = partial(measure_ours_on_redis, redis_url, sessions, args)
             results.measure(our_name(ours, on_redis=True), on_redis)
@@ -118,6 +122,9 @@ def parse_args() -> argparse.Namespace:
         "--redis-url", help="an empty Redis database of the benchmark's own, e.g. .../13"
     )
     parser.add_argument("--smoke", action="store_true", help="N=1000, 2 s: that it runs")
+    parser.add_argument(
+        "--metrics", action="store_true", help="also ours with metrics off, at the smallest N"
+    )
     parser.add_argument("--update", action="store_true", help="write to bench/results/")
     args = parser.parse_args()
     if args.smoke:
@@ -145,6 +152,7 @@ class Results:
             "duration": args.duration,
             "ours": our_name(args.servers[0]),
             "ours_redis": our_name(args.servers[0], on_redis=True),
+            "ours_without_metrics": our_name(args.servers[0], metrics=False),
             "runs": [],
             "skipped": [],
             "notes": [],
@@ -253,11 +261,14 @@ def serving(launch: Launch) -> Iterator[str]:
                 process.wait()
 
 
-def our_name(server: str, on_redis: bool = False) -> str:
-    return f"this service ({server}{', Redis' if on_redis else ''})"
+def our_name(server: str, on_redis: bool = False, metrics: bool = True) -> str:
+    extra = (", Redis" if on_redis else "") + ("" if metrics else ", metrics off")
+    return f"this service ({server}{extra})"
 
 
-def our_launch(server: str, sessions: int, tokens_file: Path, redis_url: str = "") -> Launch:
+def our_launch(
+    server: str, sessions: int, tokens_file: Path, redis_url: str = "", metrics: bool = True
+) -> Launch:
     """Our server: bench/app.py, filled with ``sessions``, on the memory store or Redis."""
     port = free_port()
     env = {
@@ -268,20 +279,28 @@ def our_launch(server: str, sessions: int, tokens_file: Path, redis_url: str = "
         "BENCH_TOKENS": str(tokens_file),
         "PYTHONPATH": str(ROOT),
         "REDIS_URL": redis_url,  # set even when empty, so a .env cannot set it
+        "BENCH_METRICS": "on" if metrics else "off",
     }
     command = shlex.split(SERVERS[server].format(port=port))
     return Launch(command, port, env, ready=tokens_file, timeout=60 + sessions / 10_000)
 
 
 def measure_ours(
-    server: str, sessions: int, args: argparse.Namespace, *, redis_url: str = ""
+    server: str,
+    sessions: int,
+    args: argparse.Namespace,
+    *,
+    redis_url: str = "",
+    metrics: bool = True,
 ) -> dict:
     """Start our server filled with ``sessions``, and drive /token and /me."""
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file = Path(tmp) / "tokens.json"
-        with serving(our_launch(server, sessions, tokens_file, redis_url)) as url:
+        launch = our_launch(server, sessions, tokens_file, redis_url, metrics)
+        with serving(launch) as url:
             tokens = json.loads(tokens_file.read_text())
-            run = drive(our_name(server, on_redis=bool(redis_url)), url, tokens, args)
+            name = our_name(server, on_redis=bool(redis_url), metrics=metrics)
+            run = drive(name, url, tokens, args)
     run |= {"sessions": sessions, "server": server}
     if sessions:
         run["rss_per_session"] = (tokens["rss_after"] - tokens["rss_before"]) / sessions

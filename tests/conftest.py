@@ -348,6 +348,12 @@ def run_server(env, cwd, timeout=15):
     )
 
 
+def audit_records(stderr, event=None):
+    """The audit lines among what was written to stderr (capsys), of one event or all."""
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"time"')]
+    return [r for r in records if event is None or r["audit"] == event]
+
+
 def released_together(count, action):
     """Run action(n) on `count` threads released by one barrier; return the results in order."""
     barrier = threading.Barrier(count)

@@ -32,6 +32,7 @@ from .conftest import (
     REFRESH_SECRET,
     ROOT,
     TEST_CONFIG,
+    audit_records,
     call,
     free_port,
     granian,
@@ -321,9 +322,8 @@ def test_an_address_is_limited_across_emails_and_a_success_never_resets_it():
 @pytest.mark.parametrize(
     "limit", ["LOGIN_RATE_LIMIT", "LOGIN_ACCOUNT_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT"]
 )
-def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, caplog, monkeypatch):
+def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, capsys):
     client = create_app(TEST_CONFIG | {limit: "1 per minute"}).test_client()
-    monkeypatch.setattr(logging.getLogger("audit"), "handlers", [caplog.handler])
     for email in ("demo@example.com", "nobody@example.com"):  # known and unknown alike
         client.post("/login", json=WRONG | {"email": email})
         response = client.post("/login", json=WRONG | {"email": email})
@@ -336,9 +336,7 @@ def test_every_limit_answers_the_same_and_the_audit_line_names_it(limit, caplog,
             break  # the account or address limit is reached for every email alike
     names = {"LOGIN_RATE_LIMIT": "email_address", "LOGIN_ACCOUNT_RATE_LIMIT": "account",
              "LOGIN_ADDRESS_RATE_LIMIT": "address"}  # fmt: skip
-    throttled = [
-        json.loads(r.getMessage()) for r in caplog.records if "login_throttled" in r.getMessage()
-    ]
+    throttled = audit_records(capsys.readouterr().err, "login_throttled")
     assert throttled and {record["limit"] for record in throttled} == {names[limit]}
 
 

@@ -21,6 +21,7 @@ from .conftest import (
     REFRESH_SECRET,
     TEST_CONFIG,
     AuthActions,
+    audit_records,
     call,
     free_port,
     refresh_body,
@@ -455,11 +456,6 @@ def test_throttling_ends_when_the_window_passes():
 
 
 # --- the audit log -------------------------------------------------------------------------
-
-
-def audit_records(stderr):
-    """The audit lines among what was written to stderr: one JSON object per line."""
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith('{"time"')]
 
 
 def test_security_events_are_audited_without_secrets(capsys):

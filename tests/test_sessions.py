@@ -1,7 +1,5 @@
 """Sessions a user can see and end, and refresh that survives retries, on both stores."""
 
-import json
-import logging
 import re
 import time
 
@@ -11,7 +9,7 @@ import time_machine
 
 from server import create_app
 
-from .conftest import DEMO, TEST_CONFIG, AuthActions, call, released_together
+from .conftest import DEMO, TEST_CONFIG, AuthActions, audit_records, call, released_together
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 SESSION_FIELDS = {
@@ -313,9 +311,8 @@ def test_the_idle_timeout_never_extends_the_absolute_lifetime(make_app):
         assert actions.refresh(tokens["refreshToken"]).status_code == 403
 
 
-def test_a_login_beyond_the_cap_evicts_the_least_recently_used(make_app, caplog, monkeypatch):
+def test_a_login_beyond_the_cap_evicts_the_least_recently_used(make_app, capsys):
     actions = Actions(make_app(MAX_SESSIONS_PER_USER="2").test_client())
-    monkeypatch.setattr(logging.getLogger("audit"), "handlers", [caplog.handler])
     with later(0):
         oldest = actions.tokens()
     with later(1):
@@ -327,9 +324,7 @@ def test_a_login_beyond_the_cap_evicts_the_least_recently_used(make_app, caplog,
         assert actions.me(used["accessToken"]).status_code == 401
         assert actions.me(oldest["accessToken"]).status_code == 200
         assert len(actions.sessions(newest["accessToken"]).json["sessions"]) == 2
-    evicted = [
-        json.loads(r.getMessage()) for r in caplog.records if "session_evicted" in r.getMessage()
-    ]
+    evicted = audit_records(capsys.readouterr().err, "session_evicted")
     assert [e["session"] for e in evicted] == [sid_of(used["accessToken"])[:8]]
 
 

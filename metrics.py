@@ -1,0 +1,257 @@
+"""Metrics: what an operator watches, at ``GET /metrics`` in Prometheus's text format.
+
+Skip this file on a first read. The counts come from the audit line (``web.audited``) and
+from request hooks, never from a branch in the routes. No label holds anything a client
+chose (an id, an address, a path, a header), so the number of series is fixed whatever
+arrives. Under granian or gunicorn every worker writes its counts to files in one directory
+(prometheus_client's multiprocess mode), and a scrape, whichever worker answers it, adds
+them all up. docs/metrics.md lists every metric and how to scrape it.
+"""
+
+import atexit
+import multiprocessing.util
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, abort, current_app, g, request
+from flask.typing import ResponseReturnValue
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from werkzeug.routing import Rule
+
+from auth import bearer_token, same_text
+from errors import APIError
+from settings import ConfigError
+from web import audited
+
+PREFIX = "jwt_refresh"  # Prometheus naming: one prefix for the service's metrics
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"  # the route label of every path that matches no route
+OTHER = "other"  # the label of a method, or of a reason, outside the known ones
+LOGIN_OUTCOMES = ("succeeded", "failed", "throttled", "busy")
+REFRESH_OUTCOMES = (
+    "rotated", "retried", "reuse", "invalid_token", "session_ended", "account_removed",
+)  # fmt: skip
+# Every reason a session ends for, as the audit line names it; "cap" is session_evicted.
+END_REASONS = (
+    "logout_local", "logout_others", "logout_global", "reuse", "ended_by_user", "cap",
+    "account_removed", "password_changed",
+)  # fmt: skip
+SCRAPE = "metrics.metrics"  # the endpoint of /metrics, whose requests are not counted
+# The folder for the workers' files when PROMETHEUS_MULTIPROC_DIR names none: one per run
+# of the server's main process, in the temporary folder.
+RUN_FOLDER = "jwt-refresh-metrics-"
+
+bp = Blueprint("metrics", __name__)
+
+
+class Metrics:
+    """The app's counters and histogram, and the registry a scrape reads."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory  # the workers' files, or None for one process
+        self.registry = CollectorRegistry()
+
+        def counter(name: str, summary: str, *labels: str) -> Counter:
+            return Counter(name, summary, labels, namespace=PREFIX, registry=self.registry)
+
+        self.logins = counter("logins", "Login attempts by outcome.", "outcome")
+        self.refreshes = counter("refreshes", "Refresh-token trades by outcome.", "outcome")
+        self.sessions_ended = counter("sessions_ended", "Sessions ended, by reason.", "reason")
+        self.introspections = counter("introspections", "Introspection answers.", "active")
+        self.clients_refused = counter("introspection_clients_refused", "Refused clients.")
+        self.store_errors = counter("store_errors", "Requests refused as the store failed.")
+        self.requests = counter(
+            "http_requests", "Requests by route template, method and status class.",
+            "route", "method", "status",
+        )  # fmt: skip
+        self.latency = Histogram(
+            "http_request_duration_seconds", "Time to answer a request, by route template.",
+            ["route"], namespace=PREFIX, registry=self.registry,
+        )  # fmt: skip
+        # Every outcome and reason starts at 0, so that rate() and alerts see the first one.
+        for metric, labels in [
+            (self.logins, LOGIN_OUTCOMES),
+            (self.refreshes, REFRESH_OUTCOMES),
+            (self.sessions_ended, END_REASONS),
+            (self.introspections, ("true", "false")),
+        ]:
+            for label in labels:
+                metric.labels(label)
+
+    def exposition(self) -> bytes:
+        """Return the text a scrape gets: this process's counts, or every worker's summed."""
+        if self.directory is None:
+            return generate_latest(self.registry)
+        # prometheus_client's multiprocess docs: a registry of its own for each scrape.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        return generate_latest(registry)
+
+    def count_audited(self, app: Flask, event: str, fields: Mapping[str, str]) -> None:
+        """Count one audit line (web.audited): the login, refresh and session events."""
+        reason = fields.get("reason", "")
+        match event:
+            case "login_succeeded" | "login_failed" | "login_throttled":
+                self.logins.labels(event.removeprefix("login_")).inc()
+            case "refreshed":
+                self.refreshes.labels("rotated").inc()
+            case "refresh_replayed":
+                self.refreshes.labels("retried").inc()
+            case "refresh_refused":
+                self.refreshes.labels(known(reason, REFRESH_OUTCOMES)).inc()
+                if reason == "account_removed":  # the session ends with its account
+                    self.sessions_ended.labels("account_removed").inc()
+            case "session_ended":
+                self.sessions_ended.labels(known(reason, END_REASONS)).inc()
+                if reason == "reuse":  # only /token ends a session for reuse
+                    self.refreshes.labels("reuse").inc()
+            case "session_evicted":
+                self.sessions_ended.labels("cap").inc()
+            case "password_changed":  # one line for all the sessions it ended: ended=<count>
+                if (ended := str(fields.get("ended", ""))).isdigit():
+                    self.sessions_ended.labels("password_changed").inc(int(ended))
+            case "introspection_client_refused":
+                self.clients_refused.inc()
+
+    def started(self) -> None:
+        """Note when the request began (before_request)."""
+        g.metrics_started = time.perf_counter()
+
+    def finished(self, response: Response) -> Response:
+        """Count the request by route template, method and status class (after_request)."""
+        rule = request.url_rule
+        if rule is not None and rule.endpoint == SCRAPE:
+            return response  # a scrape is not a request of the API
+        # The template (/sessions/<sid>), never the path; a method outside METHODS is "other".
+        route = rule.rule if rule is not None else UNMATCHED
+        method = request.method if request.method in METHODS else OTHER
+        self.requests.labels(route, method, f"{response.status_code // 100}xx").inc()
+        if (started := g.pop("metrics_started", None)) is not None:
+            self.latency.labels(route).observe(time.perf_counter() - started)
+        self.count_answer(rule, response)
+        return response
+
+    def count_answer(self, rule: Rule | None, response: Response) -> None:
+        """Count what only the answer tells: a busy login, a store error, an introspection."""
+        status, endpoint = response.status_code, rule.endpoint if rule else None
+        if status == 503:  # two causes, told apart by the error code (errors.py, users.py)
+            error = (response.get_json(silent=True) or {}).get("error")
+            if error == "store_unavailable":
+                self.store_errors.inc()
+            elif error == "server_busy" and endpoint == "api.login":
+                self.logins.labels("busy").inc()
+        elif status == 200 and endpoint == "other_services.introspect":
+            active = (response.get_json(silent=True) or {}).get("active") is True
+            self.introspections.labels("true" if active else "false").inc()
+
+
+def known(label: str, labels: tuple[str, ...]) -> str:
+    """Return the label if it is one of ``labels``, else OTHER: the series stay fixed."""
+    return label if label in labels else OTHER
+
+
+def init_app(app: Flask) -> None:
+    """Count the audit line and every request, and serve /metrics."""
+    disable_created_metrics()  # a _created series beside each counter only doubles the scrape
+    metrics = Metrics(multiprocess_directory(app.config))
+    app.extensions["metrics"] = metrics
+    audited.connect(metrics.count_audited, sender=app)
+    app.before_request(metrics.started)
+    app.after_request(metrics.finished)
+    app.register_blueprint(bp)
+
+
+def get_metrics() -> Metrics:
+    """Return the app's metrics."""
+    return current_app.extensions["metrics"]
+
+
+@bp.get("/metrics")
+def metrics() -> ResponseReturnValue:
+    """Answer the counts in Prometheus's text format; in production, to the scraper alone."""
+    config = current_app.config
+    token = config["METRICS_TOKEN"]
+    if token is None and config["APP_ENV"] == "production":
+        abort(404)  # not enabled: answered as if there were no such route
+    # The form Prometheus's scrape_config `authorization` sends (RFC 6750 §2.1), compared in
+    # constant time so that the answer's timing tells nothing of the token.
+    if token is not None and not same_text(bearer_token() or "", token):
+        message = "Send the scraper's token: 'Authorization: Bearer <METRICS_TOKEN>'."
+        headers = {"WWW-Authenticate": 'Bearer realm="metrics"'}
+        raise APIError(401, "invalid_token", message, headers)
+    return Response(get_metrics().exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+def multiprocess_directory(config: Mapping[str, Any]) -> str | None:
+    """Return the folder where every worker writes its counts, or None with one process.
+
+    PROMETHEUS_MULTIPROC_DIR when set; else, under granian or gunicorn, a folder of this
+    run of the server's main process (run_folder).
+    """
+    directory = config["PROMETHEUS_MULTIPROC_DIR"]
+    if directory is None and config["SERVER"] is not None:
+        directory = run_folder()
+    if directory is None:
+        return None
+    # prometheus_client reads the folder from the environment, and picks file-backed values
+    # when first imported, so both are set before the first metric of this process.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+    # Its docs: mark_process_dead when a worker exits. atexit covers a worker that exits
+    # through sys.exit (gunicorn); Finalize one forked by multiprocessing (granian).
+    pid = os.getpid()
+    atexit.register(multiprocess.mark_process_dead, pid, directory)
+    multiprocessing.util.Finalize(None, multiprocess.mark_process_dead, (pid, directory), {}, 0)
+    return directory
+
+
+def run_folder() -> str:
+    """Return the workers' folder of this run of the main process, made on first use.
+
+    Its name holds the main process's id and start time, so it is fresh for every run, as
+    prometheus_client's docs ask (a folder wiped between runs); folders of runs that have
+    ended are removed. Only this user may write there (CWE-377: shared /tmp).
+    """
+    main = os.getppid()  # the server's main process, which forked this worker
+    parent = Path(tempfile.gettempdir())
+    for folder in parent.glob(RUN_FOLDER + "*"):
+        pid, _, started = folder.name.removeprefix(RUN_FOLDER).partition("-")
+        ended = pid.isdigit() and process_start(int(pid)) != started
+        if ended and folder.lstat().st_uid == os.getuid():  # never another user's
+            shutil.rmtree(folder, ignore_errors=True)  # never follows a symlink
+    folder = parent / f"{RUN_FOLDER}{main}-{process_start(main)}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as error:
+        message = f"cannot make {folder} ({error.strerror}); set PROMETHEUS_MULTIPROC_DIR."
+        raise ConfigError(message) from None
+    status = folder.lstat()
+    if folder.is_symlink() or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        message = f"{folder} is not this user's alone; set PROMETHEUS_MULTIPROC_DIR."
+        raise ConfigError(message)
+    return str(folder)
+
+
+def process_start(pid: int) -> str | None:
+    """Return when a process started (in clock ticks since boot), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # proc(5): field 22 is starttime; the name in field 2 may hold spaces, so count from ')'.
+    return stat.rpartition(")")[2].split()[19]
