@@ -64,6 +64,7 @@ class Metrics:
     def __init__(self, directory: str | None) -> None:
         self.directory = directory  # the workers' files, or None for one process
         self.registry = CollectorRegistry()
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
         def counter(name: str, summary: str, *labels: str) -> Counter:
             return Counter(name, summary, labels, namespace=PREFIX, registry=self.registry)
@@ -83,6 +84,7 @@ class Metrics:
             ["route"], namespace=PREFIX, registry=self.registry,
         )  # fmt: skip
         # Every outcome and reason starts at 0, so that rate() and alerts see the first one.
+        # Each series is looked up once and kept: labels() costs more than inc() itself.
         for metric, labels in [
             (self.logins, LOGIN_OUTCOMES),
             (self.refreshes, REFRESH_OUTCOMES),
@@ -90,7 +92,16 @@ class Metrics:
             (self.introspections, ("true", "false")),
         ]:
             for label in labels:
-                metric.labels(label)
+                self.series(metric, label)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """Return the series of ``metric`` with these labels, each looked up once and kept:
+        labels() costs more than inc(). The labels are from fixed sets, so this is bounded."""
+        key = (metric, labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def exposition(self) -> bytes:
         """Return the text a scrape gets: this process's counts, or every worker's summed."""
@@ -106,24 +117,24 @@ class Metrics:
         reason = fields.get("reason", "")
         match event:
             case "login_succeeded" | "login_failed" | "login_throttled":
-                self.logins.labels(event.removeprefix("login_")).inc()
+                self.series(self.logins, event.removeprefix("login_")).inc()
             case "refreshed":
-                self.refreshes.labels("rotated").inc()
+                self.series(self.refreshes, "rotated").inc()
             case "refresh_replayed":
-                self.refreshes.labels("retried").inc()
+                self.series(self.refreshes, "retried").inc()
             case "refresh_refused":
-                self.refreshes.labels(known(reason, REFRESH_OUTCOMES)).inc()
+                self.series(self.refreshes, known(reason, REFRESH_OUTCOMES)).inc()
                 if reason == "account_removed":  # the session ends with its account
-                    self.sessions_ended.labels("account_removed").inc()
+                    self.series(self.sessions_ended, "account_removed").inc()
             case "session_ended":
-                self.sessions_ended.labels(known(reason, END_REASONS)).inc()
+                self.series(self.sessions_ended, known(reason, END_REASONS)).inc()
                 if reason == "reuse":  # only /token ends a session for reuse
-                    self.refreshes.labels("reuse").inc()
+                    self.series(self.refreshes, "reuse").inc()
             case "session_evicted":
-                self.sessions_ended.labels("cap").inc()
+                self.series(self.sessions_ended, "cap").inc()
             case "password_changed":  # one line for all the sessions it ended: ended=<count>
                 if (ended := str(fields.get("ended", ""))).isdigit():
-                    self.sessions_ended.labels("password_changed").inc(int(ended))
+                    self.series(self.sessions_ended, "password_changed").inc(int(ended))
             case "introspection_client_refused":
                 self.clients_refused.inc()
 
@@ -139,9 +150,10 @@ class Metrics:
         # The template (/sessions/<sid>), never the path; a method outside METHODS is "other".
         route = rule.rule if rule is not None else UNMATCHED
         method = request.method if request.method in METHODS else OTHER
-        self.requests.labels(route, method, f"{response.status_code // 100}xx").inc()
+        status = f"{response.status_code // 100}xx"
+        self.series(self.requests, route, method, status).inc()
         if (started := g.pop("metrics_started", None)) is not None:
-            self.latency.labels(route).observe(time.perf_counter() - started)
+            self.series(self.latency, route).observe(time.perf_counter() - started)
         self.count_answer(rule, response)
         return response
 
@@ -153,10 +165,10 @@ class Metrics:
             if error == "store_unavailable":
                 self.store_errors.inc()
             elif error == "server_busy" and endpoint == "api.login":
-                self.logins.labels("busy").inc()
+                self.series(self.logins, "busy").inc()
         elif status == 200 and endpoint == "other_services.introspect":
             active = (response.get_json(silent=True) or {}).get("active") is True
-            self.introspections.labels("true" if active else "false").inc()
+            self.series(self.introspections, "true" if active else "false").inc()
 
 
 def known(label: str, labels: tuple[str, ...]) -> str:
