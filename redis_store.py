@@ -60,6 +60,10 @@ def parse_url(url: str) -> Target:
         schemes = ", ".join(f"{scheme}://" for scheme in SCHEMES)
         raise ValueError(f"it must start with one of {schemes}")
     if parsed.scheme in ONE_SERVER:
+        database = parsed.path.strip("/")
+        if parsed.scheme in ("redis", "rediss") and database and not database.isdigit():
+            # redis-py would quietly take database 0
+            raise ValueError("the path must be a database number, as in redis://host:6379/0")
         try:
             options = redis.connection.parse_url(url.replace("redis+unix://", "unix://", 1))
         except ValueError as error:
@@ -92,9 +96,10 @@ def hide(text: str, password: str | None) -> str:
 
 # The fields of a session's hash, in the order the scripts below read them.
 FIELDS = ("user", "jti", "created", "used", "exp", "idle", "ua", "ip", "prev")
-# How often a login or a logout everywhere reads the user's index again when another login
-# changed it between the read and the script (a user logging in on two devices at once).
-ATTEMPTS = 5
+# How often a login or a logout everywhere runs its script again with the sessions the
+# last run found: each new try means another login of the same user landed in between, so
+# this bounds the logins of one user at the same moment; beyond it, a 503.
+ATTEMPTS = 32
 
 # Every change below reads and writes in one Lua script: Redis runs a script atomically (no
 # other command in between), so two processes can never both rotate one token, and a global
@@ -105,20 +110,22 @@ ATTEMPTS = 5
 #
 # On a Redis Cluster a script may touch only the keys it declares, all in one slot: every key
 # of a user carries the user's id as a hash tag (jwt:{<user>}:...), KEYS[1] is the user's
-# index and KEYS[2...] the sessions the script may touch. A script that finds in the index a
-# session it was not given returns RETRY, before any write: the caller reads the index again.
-RETRY = -1
+# index and KEYS[2...] the sessions the script may touch. A script that must go through the
+# index and finds there a session it was not given writes nothing and returns {RETRY, the
+# index's sessions}: the caller runs it again, declaring those. Else it returns {DONE, ...}.
+DONE = 0  # the Lua's twin is in COMMON
 COMMON = """
+local DONE, RETRY = 0, 1
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 local index = KEYS[1]
 local declared = {}
 for i = 2, #KEYS do declared[KEYS[i]] = true end
 local function key(sid) return prefix .. sid end
-local function all_declared(sids)
+local function undeclared(sids)
     for _, sid in ipairs(sids) do
-        if not declared[key(sid)] then return false end
+        if not declared[key(sid)] then return true end
     end
-    return true
+    return false
 end
 local function alive(sid)
     local exp, idle = unpack(redis.call('HMGET', key(sid), 'exp', 'idle'))
@@ -156,11 +163,11 @@ START_SCRIPT = (
     + """
 local cap, sid, deadline = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local others = redis.call('ZRANGE', index, 0, -1)
-if not all_declared(others) then return RETRY end
+if undeclared(others) then return {RETRY, unpack(others)} end
 for _, other in ipairs(others) do
     if not alive(other) then drop(other) end
 end
-local evicted = {}
+local evicted = {DONE}
 while redis.call('ZCARD', index) >= cap do
     local oldest = redis.call('ZRANGE', index, 0, 0)[1]
     drop(oldest)
@@ -171,7 +178,7 @@ redis.call('EXPIREAT', key(sid), deadline)
 touch(sid)
 expire_with(deadline)
 return evicted
-""".replace("RETRY", str(RETRY))
+"""
 )
 
 # KEYS: the index, the session. ARGV: prefix, now, sid, jti, new jti, ip, grace, idle ttl,
@@ -210,8 +217,8 @@ return {1}
 END_ALL_SCRIPT = (
     COMMON
     + """
-local sids, ended = redis.call('ZRANGE', index, 0, -1), {}
-if not all_declared(sids) then return RETRY end
+local sids, ended = redis.call('ZRANGE', index, 0, -1), {DONE}
+if undeclared(sids) then return {RETRY, unpack(sids)} end
 for _, sid in ipairs(sids) do
     if sid ~= ARGV[3] then
         drop(sid)
@@ -219,7 +226,7 @@ for _, sid in ipairs(sids) do
     end
 end
 return ended
-""".replace("RETRY", str(RETRY))
+"""
 )
 
 # KEYS: the index, the session. ARGV: prefix, now, the session, the user. Ends only their own.
@@ -320,15 +327,16 @@ class RedisStore(Store):
     def ping(self) -> None:
         self._redis.ping()
 
-    def _with_index(self, script: Any, user: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script that may touch every session of the user's index, declaring them all."""
-        index = self._index(user)
+    def _with_index(self, script: Any, user: str, keys: list[str], args: list[Any]) -> list[bytes]:
+        """Run a script that may touch every session in the user's index, declaring them all:
+        first none (a first login), then those the last run found."""
+        held: list[bytes] = []
         for _ in range(ATTEMPTS):
-            sids: list[bytes] = self._redis.zrange(index, 0, -1)  # type: ignore[assignment]
-            held = [self._key(user, sid.decode()) for sid in sids]
-            result = script(keys=[index, *keys, *held], args=args)
-            if result != RETRY:
-                return result
+            declared = [self._key(user, sid.decode()) for sid in held]
+            outcome, *sids = script(keys=[self._index(user), *keys, *declared], args=args)
+            if outcome == DONE:
+                return sids
+            held = sids
         raise IndexKeptChanging(f"the index of a user changed {ATTEMPTS} times in a row")
 
     def _sessions(self, user: str) -> str:
@@ -369,9 +377,8 @@ def connect(url: str, target: Target) -> tuple[redis.Redis | RedisCluster, Stora
     if target.kind == "sentinel":
         # The master as the Sentinels name it now, for both: a failover moves them together.
         # The counters read from the master too: a replica may lag behind a failed login.
-        timeouts = {key: REDIS_OPTIONS[key] for key in ("socket_timeout", "socket_connect_timeout")}
         sentinel = RedisSentinelStorage(
-            url, use_replicas=False, sentinel_kwargs=timeouts, **REDIS_OPTIONS
+            url, use_replicas=False, sentinel_kwargs=REDIS_OPTIONS, **REDIS_OPTIONS
         )
         return cast(redis.Redis, sentinel.storage), sentinel  # master_for's client
     client = redis.Redis.from_url(url.replace("redis+unix://", "unix://", 1), **REDIS_OPTIONS)
