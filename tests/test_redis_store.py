@@ -359,3 +359,40 @@ def test_every_cluster_node_gone_is_a_503_never_a_500(tmp_path):
         for response in answers:
             assert (response.status_code, response.json) == (503, STORE_UNAVAILABLE)
             assert response.headers["Retry-After"] == "5"
+
+
+# --- what each route costs in Redis commands (docs/scaling.md quotes these) ----------------
+
+ROUTE_COMMANDS = {  # route: (sent by the service, run inside its scripts in all)
+    "POST /token": ({"EVALSHA": 1}, 9),
+    "GET /me": ({"HMGET": 1}, 0),
+    "GET /sessions (2 sessions)": ({"HMGET": 3, "ZREVRANGE": 1}, 0),
+    "POST /logout": ({"HMGET": 1, "EVALSHA": 1}, 4),
+    "POST /logout, scope global": ({"HMGET": 1, "EVALSHA": 2}, 4),
+    "GET /healthz": ({"PING": 1}, 0),
+}
+
+
+@pytest.mark.parametrize("topology", ["one Redis", "Cluster"])
+def test_each_route_costs_the_commands_the_scaling_guide_says(topology, request):
+    from bench.commands import commands_per_route
+
+    if topology == "Cluster":
+        nodes = request.getfixturevalue("redis_cluster_of")("redis")
+        nodes.flushall()
+        request.addfinalizer(nodes.flushall)
+        url = nodes.url
+    else:
+        request.getfixturevalue("redis_client")  # emptied before and after
+        url = request.getfixturevalue("redis_url")
+    counts = commands_per_route(url)
+    for route, (sent, in_scripts) in ROUTE_COMMANDS.items():
+        assert dict(counts[route][0]) == sent, route
+        # /token extends the index's expiry only when the session's deadline passes it
+        assert sum(counts[route][1].values()) in (in_scripts, in_scripts + 1), route
+    # A login: the login limits' scripts, then one script of ours, two if the user has others.
+    first, again = (
+        counts["POST /login, the user's first session"][0],
+        counts["POST /login, the user has another session"][0],
+    )
+    assert again["EVALSHA"] == first["EVALSHA"] + 1
