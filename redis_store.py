@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import redis
 from flask import Flask
+from limits.errors import ConfigurationError
 from limits.storage import RedisClusterStorage, RedisSentinelStorage, RedisStorage, Storage
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -401,6 +402,8 @@ def init_app(app: Flask) -> None:
         raise ConfigError(
             f"REDIS_URL: no start-up node of {target} answers ({type(error).__name__})."
         ) from None
+    except ConfigurationError:  # limits' own reading of the URL; its message quotes it whole
+        raise ConfigError(f"REDIS_URL: the login limits cannot read it as {target}.") from None
     store = app.extensions["store"] = RedisStore(client, app.extensions["policy"])
     # redis-py's cluster errors that are no RedisError (a slot no node serves, a cluster that
     # cannot be reached) fail closed too.

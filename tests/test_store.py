@@ -181,6 +181,24 @@ def test_end_ends_only_the_owners_live_session(store):
     assert rotate(store, mine, mine.jti)[0] is Rotation.UNKNOWN
 
 
+def test_a_session_is_found_only_under_its_user(store):
+    mine, _ = begin(store)
+    assert store.get(mine.id, "alice", NOW) == mine
+    assert store.get(mine.id, "bob", NOW) is None  # every token names its user: ask for it
+
+
+def test_logins_of_one_user_released_together_all_start_and_keep_the_cap(store):
+    # On Redis each login's script must be told every session of the user; logins landing
+    # between make it run again, with the sessions it found.
+    results = released_together(16, lambda n: begin(store, now=NOW + n % 2))
+    live = store.sessions("alice", NOW + 2)
+    assert len(live) == POLICY.max_sessions
+    started = {session.id for session, _ in results}
+    evicted = [sid for _, ended in results for sid in ended]
+    assert len(evicted) == len(set(evicted)) == 16 - POLICY.max_sessions
+    assert set(evicted) | {s.id for s in live} == started
+
+
 def test_an_expired_session_is_not_ended_twice(store):
     session, _ = begin(store)
     assert not store.end(session.id, "alice", NOW + 3600)
