@@ -152,7 +152,6 @@ ROUTES = {
 def commands_per_route(url: str) -> dict[str, tuple[Counter, Counter]]:
     """Each route's commands on the Redis or Cluster ``url`` names: (sent, in scripts)."""
     app = create_app(SETTINGS | {"REDIS_URL": url, "DEMO_USER_PASSWORD": DEMO["password"]})
-    logging.getLogger("audit").disabled = True  # its lines are not the table
     client, store = app.test_client(), app.extensions["store"]
     demo = app.extensions["users"].authenticate(DEMO["email"], DEMO["password"]).id
     counts = {}
@@ -229,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", action="append", default=[], help="an empty database")
     args = parser.parse_args()
+    logging.getLogger("audit").disabled = True  # its lines are not the table
     with ExitStack() as stack:
         urls = args.redis_url or stack.enter_context(started_here())
         for url in urls:
