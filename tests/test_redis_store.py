@@ -36,7 +36,7 @@ from .topology import RedisClusterNodes, wait_until
 
 PASSWORD = "s3cret-in-the-url"
 WRONG = DEMO | {"password": "wrong-password"}
-RECOVERY = 30  # seconds: a failover here takes two or three
+RECOVERY = 30  # seconds: a failover here takes three to five
 STORE_UNAVAILABLE = {
     "error": "store_unavailable",
     "message": "The session store is not answering. Try again in a few seconds.",

@@ -12,7 +12,7 @@ from redis.sentinel import Sentinel
 
 from .topology import HOST, wait_until
 
-FAILOVER_DEADLINE = 20  # seconds; a failover here takes two or three
+FAILOVER_DEADLINE = 20  # seconds; a failover here takes three to five
 
 
 @contextlib.contextmanager
