@@ -193,8 +193,8 @@ def live_session(claims: dict[str, Any]) -> tuple[Session, User]:
     """Return the live session a valid token names, and its account; else raise SessionEnded."""
     # OWASP JWT Cheat Sheet (token revocation): a token lives only while its session does;
     # one lookup, and no deny list to keep.
-    session = get_store().get(claims["sid"], int(time.time()))
-    if session is None or session.user_id != claims["sub"]:
+    session = get_store().get(claims["sid"], claims["sub"], int(time.time()))
+    if session is None:
         raise SessionEnded("Its session has ended.")
     return session, live_account(session)
 

@@ -54,7 +54,7 @@ def end_sessions(claims: dict[str, Any], scope: str) -> None:
     """End the sessions a logout of this scope names, starting from the token's session."""
     store, now = get_store(), int(time.time())
     user_id, sid = claims["sub"], claims["sid"]
-    session = store.get(sid, now)
+    session = store.get(sid, user_id, now)
     current = session is not None and get_policy().accepts(session, claims["jti"], now)
     if scope != "local" and current:
         ended = store.end_all(user_id, keep=sid if scope == "others" else None)

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import click
-import redis
 from dotenv import load_dotenv
 from flask import Flask
 from jwt.algorithms import HMACAlgorithm
@@ -91,7 +90,7 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         "TRUSTED_PROXIES": _integer(env, "TRUSTED_PROXIES", 0, minimum=0, maximum=5),
         "HOST": env.get("HOST") or "127.0.0.1",
         "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
-        "REDIS_URL": _redis_url(env, "REDIS_URL"),
+        "REDIS_URL": env.get("REDIS_URL") or None,  # read by redis_store, which knows its kinds
         "METRICS_TOKEN": _optional_secret(env, "METRICS_TOKEN"),
         "PROMETHEUS_MULTIPROC_DIR": _directory(env, "PROMETHEUS_MULTIPROC_DIR"),
     }
@@ -173,16 +172,6 @@ def _directory(env: Mapping[str, str], name: str) -> str | None:
     if path and not os.path.isdir(path):
         raise ConfigError(f"{name} must name a directory that exists, not {path!r}.")
     return path
-
-
-def _redis_url(env: Mapping[str, str], name: str) -> str | None:
-    url = env.get(name) or None
-    if url:
-        try:
-            redis.connection.parse_url(url)
-        except ValueError as error:
-            raise ConfigError(f"{name} is not a Redis URL ({error}).") from None
-    return url
 
 
 def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:

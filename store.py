@@ -110,8 +110,12 @@ class Store(Protocol):
     ) -> tuple[Rotation, Session | None]:
         """Replace ``jti`` by ``new_jti`` if ``jti`` is current; return the outcome and session."""
 
-    def get(self, sid: str, now: int) -> Session | None:
-        """Return the live session ``sid``, or None."""
+    def get(self, sid: str, user: str, now: int) -> Session | None:
+        """Return the user's live session ``sid``, or None.
+
+        Every token names its user (``sub``), so a store may keep a user's sessions together
+        (one slot of a Redis Cluster) and need the user to find one.
+        """
 
     def sessions(self, user: str, now: int) -> list[Session]:
         """Return the user's live sessions, most recently used first."""
@@ -183,10 +187,12 @@ class MemoryStore(Store):
             mine.append(mine.pop(mine.index(sid)))  # now the most recently used
             return Rotation.ROTATED, dataclasses.replace(session)
 
-    def get(self, sid: str, now: int) -> Session | None:
+    def get(self, sid: str, user: str, now: int) -> Session | None:
         with self._lock:
             session = self._sessions.get(sid)
-            return dataclasses.replace(session) if session and session.live(now) else None
+            if session is None or session.user_id != user or not session.live(now):
+                return None
+            return dataclasses.replace(session)
 
     def sessions(self, user: str, now: int) -> list[Session]:
         with self._lock:

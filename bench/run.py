@@ -4,6 +4,8 @@
     python bench/run.py --smoke              # one small N, a few seconds (CI)
     python bench/run.py --sessions 0 --metrics   # ours with metrics on and off
     python bench/run.py --peers --redis-url redis://127.0.0.1:6379/13   # and ours on Redis
+    python bench/run.py --redis-url redis://127.0.0.1:6379/13 --local-cluster  # and a Cluster
+    python bench/run.py --redis-url redis+cluster://10.0.0.1:7000,10.0.0.2:7000  # any Cluster
     python bench/run.py --servers granian,gunicorn --sessions 0 --duration 10
     python bench/run.py --peer-cmd "name=node server.js"          # any peer, started here
     python bench/run.py --peer name=http://127.0.0.1:3200          # any peer, running
@@ -29,9 +31,10 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.util import find_spec
@@ -86,9 +89,20 @@ def main() -> None:
 
 
 def measure_all(args: argparse.Namespace, results: "Results") -> None:
-    """Every row: for each N, ours, ours on Redis (smallest N only), then each peer."""
+    """Every row: for each N, ours, ours on each Redis (smallest N only), then each peer."""
+    with ExitStack() as stack:
+        if args.local_cluster:
+            args.redis_url.append(stack.enter_context(local_cluster()))
+        measure_rows(args, results)
+
+
+def measure_rows(args: argparse.Namespace, results: "Results") -> None:
     peers = args.peer_cmd + (project_peers(results) if args.peers else [])
-    redis_url = usable_redis(args.redis_url, results)
+    redis_urls = [url for url in args.redis_url if usable_redis(url, results)]
+    if not args.redis_url:
+        results.note("No Redis rows: give --redis-url to measure the Redis store.")
+    # Bytes per session: on one Redis (a Cluster's masters each hold the same kind of keys).
+    redis_url = next((url for url in redis_urls if not url.startswith("redis+cluster")), None)
     ours = args.servers[0]
     for sessions in args.sessions:
         for server in args.servers:
@@ -96,9 +110,9 @@ def measure_all(args: argparse.Namespace, results: "Results") -> None:
         if args.metrics and sessions == min(args.sessions):
             off = partial(measure_ours, ours, sessions, args, metrics=False)
             results.measure(our_name(ours, metrics=False), off)
-        if redis_url and sessions == min(args.sessions):
-            on_redis = partial(measure_ours_on_redis, redis_url, sessions, args)
-            results.measure(our_name(ours, on_redis=True), on_redis)
+        for url in redis_urls if sessions == min(args.sessions) else []:
+            on_redis = partial(measure_ours_on_redis, url, sessions, args)
+            results.measure(our_name(ours, store_of(url)), on_redis)
         for name, command in peers:
             results.measure(name, partial(measure_peer_cmd, name, command, sessions, args))
     for name, url in args.peer:
@@ -119,7 +133,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL, running")
     parser.add_argument("--peer-cmd", action="append", default=[], help="NAME=COMMAND")
     parser.add_argument(
-        "--redis-url", help="an empty Redis database of the benchmark's own, e.g. .../13"
+        "--redis-url",
+        action="append",
+        default=[],
+        help="an empty Redis database of the benchmark's own, e.g. .../13, or a Redis Cluster "
+        "(redis+cluster://host:port,...) that is empty; each one a row",
+    )
+    parser.add_argument(
+        "--local-cluster",
+        action="store_true",
+        help="start a three-master Redis Cluster on loopback (tests/topology.py) for a row",
     )
     parser.add_argument("--smoke", action="store_true", help="N=1000, 2 s: that it runs")
     parser.add_argument(
@@ -151,7 +174,8 @@ class Results:
             "connections": args.connections,
             "duration": args.duration,
             "ours": our_name(args.servers[0]),
-            "ours_redis": our_name(args.servers[0], on_redis=True),
+            "ours_redis": our_name(args.servers[0], "Redis"),
+            "ours_cluster": our_name(args.servers[0], "Redis Cluster"),
             "ours_without_metrics": our_name(args.servers[0], metrics=False),
             "runs": [],
             "skipped": [],
@@ -261,9 +285,15 @@ def serving(launch: Launch) -> Iterator[str]:
                 process.wait()
 
 
-def our_name(server: str, on_redis: bool = False, metrics: bool = True) -> str:
-    extra = (", Redis" if on_redis else "") + ("" if metrics else ", metrics off")
+def our_name(server: str, store: str = "", metrics: bool = True) -> str:
+    """Our row's name: the server, the store unless it is memory, and metrics if off."""
+    extra = (f", {store}" if store else "") + ("" if metrics else ", metrics off")
     return f"this service ({server}{extra})"
+
+
+def store_of(redis_url: str) -> str:
+    """The store a REDIS_URL names, as our row's name says it."""
+    return "Redis Cluster" if redis_url.startswith("redis+cluster://") else "Redis"
 
 
 def our_launch(
@@ -299,7 +329,7 @@ def measure_ours(
         launch = our_launch(server, sessions, tokens_file, redis_url, metrics)
         with serving(launch) as url:
             tokens = json.loads(tokens_file.read_text())
-            name = our_name(server, on_redis=bool(redis_url), metrics=metrics)
+            name = our_name(server, store_of(redis_url) if redis_url else "", metrics)
             run = drive(name, url, tokens, args)
     run |= {"sessions": sessions, "server": server}
     if sessions:
@@ -307,35 +337,58 @@ def measure_ours(
     return run
 
 
-def usable_redis(url: str | None, results: Results) -> str | None:
-    """The Redis URL if it answers; else None, and the report says the Redis rows are left out."""
-    if not url:
-        results.note("No Redis rows: give --redis-url to measure the Redis store.")
-        return None
+def redis_client(url: str):
+    """A client of the Redis or Redis Cluster a REDIS_URL names, as the service makes it."""
+    from redis_store import connect, parse_url
+
+    return connect(url, parse_url(url))[0]
+
+
+def usable_redis(url: str, results: Results) -> bool:
+    """Tell whether the Redis answers; if not, the report says its row is left out."""
     import redis
+    from redis.exceptions import RedisClusterException
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except (redis.RedisError, ValueError) as error:
-        results.note(f"No Redis rows: {url} does not answer ({error}).")
-        return None
-    return url
+        redis_client(url).ping()
+    except (redis.RedisError, RedisClusterException, ValueError) as error:
+        results.note(f"No row for {hide_password(url)}: it does not answer ({error}).")
+        return False
+    return True
+
+
+def hide_password(url: str) -> str:
+    from redis_store import hide
+
+    return hide(url, urllib.parse.urlsplit(url).password)
+
+
+@contextmanager
+def local_cluster() -> Iterator[str]:
+    """A three-master Redis Cluster on loopback, no replicas, for the run; yield its URL."""
+    from tests.topology import RedisClusterNodes
+
+    with tempfile.TemporaryDirectory() as folder, RedisClusterNodes(folder, replicas=0) as nodes:
+        print(f"bench: a local Redis Cluster at {nodes.url}", file=sys.stderr)
+        yield nodes.url
 
 
 def measure_ours_on_redis(url: str, sessions: int, args: argparse.Namespace) -> dict:
     """Our first server on Redis, in an empty database: every key in it is then the run's."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    if held := client.dbsize():
+    client = redis_client(url)
+    if held := client.dbsize():  # a Cluster's: the sum over its masters
         # The service cannot be given a key prefix from its environment, so only an empty
         # database tells its keys from the user's; the run touches nothing else.
-        raise RuntimeError(f"{url} holds {held} keys; give an empty database of its own")
+        where = hide_password(url)
+        raise RuntimeError(f"{where} holds {held} keys; give an empty database of its own")
     try:
         return measure_ours(args.servers[0], sessions, args, redis_url=url)
     finally:
         deleted = delete_keys(client, "*")
-        print(f"bench: deleted the {deleted} keys the run made in {url}", file=sys.stderr)
+        print(
+            f"bench: deleted the {deleted} keys the run made in {hide_password(url)}",
+            file=sys.stderr,
+        )
 
 
 def project_peers(results: Results) -> list[tuple[str, str]]:

@@ -426,13 +426,27 @@ def topology_binaries(flavour):
     return binaries
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_of(tmp_path_factory):
+    """Return the cluster of a flavour, started at its first use and kept for the session:
+    for a fixture that is parametrized over stores of its own (test_store's make_store)."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+
+        def cluster_of(flavour):
+            if flavour not in started:
+                binaries = topology_binaries(flavour)
+                folder = tmp_path_factory.mktemp(f"cluster-{flavour}")
+                started[flavour] = stack.enter_context(RedisClusterNodes(folder, binaries))
+            return started[flavour]
+
+        yield cluster_of
+
+
 @pytest.fixture(scope="session", params=sorted(TOPOLOGY_NEEDS))
-def redis_cluster(request, tmp_path_factory):
+def redis_cluster(request, redis_cluster_of):
     """Three masters with a replica each; a test that kills a master heals it afterwards."""
-    binaries = topology_binaries(request.param)
-    folder = tmp_path_factory.mktemp(f"cluster-{request.param}")
-    with RedisClusterNodes(folder, binaries) as nodes:
-        yield nodes
+    return redis_cluster_of(request.param)
 
 
 @pytest.fixture(scope="session", params=sorted(TOPOLOGY_NEEDS))

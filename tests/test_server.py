@@ -1,5 +1,4 @@
 import json
-import logging
 import sys
 import threading
 import time
@@ -10,7 +9,6 @@ import pytest
 import time_machine
 
 from server import create_app
-from settings import ConfigError, load_settings
 from web import audit
 
 from .conftest import (
@@ -30,7 +28,6 @@ from .conftest import (
     user_env,
 )
 
-LOG = logging.getLogger("test")
 TOKEN_FIELDS = {"accessToken", "refreshToken", "tokenType", "expiresIn"}
 INVALID_CREDENTIALS = {
     "error": "invalid_credentials",
@@ -579,12 +576,6 @@ def test_me_fails_closed_when_the_store_is_unreachable():
 def valid_refresh_token():
     """A refresh token signed with the test secrets, from an app with a working store."""
     return AuthActions(create_app(TEST_CONFIG).test_client()).tokens()["refreshToken"]
-
-
-@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "not a url"])
-def test_redis_url_must_be_a_redis_url(url):
-    with pytest.raises(ConfigError, match="REDIS_URL"):
-        load_settings({"REDIS_URL": url}, LOG)
 
 
 # --- behind a proxy ----------------------------------------------------------------------

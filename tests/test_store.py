@@ -6,7 +6,7 @@ import time
 import pytest
 import redis
 
-from redis_store import REDIS_OPTIONS, RedisStore
+from redis_store import REDIS_OPTIONS, RedisStore, connect, parse_url
 from store import MemoryStore, Policy, Rotation
 
 # Each test moves its own clock by passing `now`; a day ahead, so that deadlines passed to
@@ -15,13 +15,22 @@ NOW = int(time.time()) + 86_400
 POLICY = Policy(idle_ttl=3600, max_sessions=3, grace=10, lifetime=86_400)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster-redis", "cluster-valkey"])
 def make_store(request):
-    """Build a store of each backend with a policy, so one suite holds both to one behaviour."""
+    """Build a store of each backend with a policy, so one suite holds them to one behaviour:
+    memory, one Redis, and a real three-master Redis Cluster of each flavour installed."""
+    if request.param.startswith("cluster-"):
+        nodes = request.getfixturevalue("redis_cluster_of")(request.param.split("-")[1])
+        nodes.flushall()
+        client, _ = connect(nodes.url, parse_url(nodes.url))  # the app's own way
+        request.addfinalizer(client.close)
+        request.addfinalizer(nodes.flushall)
 
     def make(policy=POLICY):
         if request.param == "redis":
             return RedisStore(request.getfixturevalue("redis_client"), policy)
+        if request.param.startswith("cluster-"):
+            return RedisStore(client, policy)
         return MemoryStore(policy)
 
     return make
@@ -35,6 +44,10 @@ def store(make_store):
 def begin(store, user="alice", *, now=NOW, policy=POLICY, user_agent="curl/8", ip="10.0.0.1"):
     session = policy.new_session(user, now, user_agent, ip)
     return session, store.start(session, now)
+
+
+def get(store, session, now=NOW):
+    return store.get(session.id, session.user_id, now)
 
 
 def rotate(store, session, jti, now=NOW, new_jti="next"):
@@ -77,7 +90,7 @@ def test_the_predecessor_after_the_window_is_reuse(store):
     _, after = rotate(store, session, session.jti, NOW, "jti-2")
     assert rotate(store, session, session.jti, NOW + 11)[0] is Rotation.REUSE_ENDED_SESSION
     assert rotate(store, after, "jti-2", NOW + 12)[0] is Rotation.UNKNOWN
-    assert store.get(session.id, NOW + 12) is None
+    assert get(store, session, NOW + 12) is None
 
 
 def test_an_older_token_is_reuse_even_within_the_window(store):
@@ -102,19 +115,19 @@ def test_unknown_session(store):
 
 def test_absolute_expiry_ends_a_session(store):
     session, _ = begin(store)
-    assert store.get(session.id, session.expires_at - 1) is None  # idle ends it first here
+    assert get(store, session, session.expires_at - 1) is None  # idle ends it first here
     short = Policy(idle_ttl=0, max_sessions=3, lifetime=100)
     session, _ = begin(store, policy=short)
-    assert store.get(session.id, NOW + 99) is not None
-    assert store.get(session.id, NOW + 100) is None
+    assert get(store, session, NOW + 99) is not None
+    assert get(store, session, NOW + 100) is None
     assert rotate(store, session, session.jti, NOW + 100)[0] is Rotation.UNKNOWN
 
 
 def test_idle_timeout_ends_a_session_that_is_not_refreshed(store):
     session, _ = begin(store)
     assert session.idle_expires_at == NOW + 3600
-    assert store.get(session.id, NOW + 3599) is not None
-    assert store.get(session.id, NOW + 3600) is None
+    assert get(store, session, NOW + 3599) is not None
+    assert get(store, session, NOW + 3600) is None
     assert rotate(store, session, session.jti, NOW + 3600)[0] is Rotation.UNKNOWN
 
 
@@ -145,7 +158,7 @@ def test_idle_timeout_off(make_store):
     store = make_store(policy)
     session, _ = begin(store, policy=policy)
     assert session.idle_expires_at is None
-    assert store.get(session.id, NOW + 86_399).idle_expires_at is None
+    assert get(store, session, NOW + 86_399).idle_expires_at is None
 
 
 def test_sessions_lists_the_users_live_sessions_most_recent_first(store):
@@ -161,11 +174,29 @@ def test_end_ends_only_the_owners_live_session(store):
     mine, _ = begin(store)
     theirs, _ = begin(store, user="bob")
     assert not store.end(theirs.id, "alice", NOW)
-    assert store.get(theirs.id, NOW) is not None
+    assert store.get(theirs.id, "bob", NOW) is not None
     assert store.end(mine.id, "alice", NOW)
     assert not store.end(mine.id, "alice", NOW)  # already ended
     assert not store.end("never-was", "alice", NOW)
     assert rotate(store, mine, mine.jti)[0] is Rotation.UNKNOWN
+
+
+def test_a_session_is_found_only_under_its_user(store):
+    mine, _ = begin(store)
+    assert store.get(mine.id, "alice", NOW) == mine
+    assert store.get(mine.id, "bob", NOW) is None  # every token names its user: ask for it
+
+
+def test_logins_of_one_user_released_together_all_start_and_keep_the_cap(store):
+    # On Redis each login's script must be told every session of the user; logins landing
+    # between make it run again, with the sessions it found.
+    results = released_together(16, lambda n: begin(store, now=NOW + n % 2))
+    live = store.sessions("alice", NOW + 2)
+    assert len(live) == POLICY.max_sessions
+    started = {session.id for session, _ in results}
+    evicted = [sid for _, ended in results for sid in ended]
+    assert len(evicted) == len(set(evicted)) == 16 - POLICY.max_sessions
+    assert set(evicted) | {s.id for s in live} == started
 
 
 def test_an_expired_session_is_not_ended_twice(store):
@@ -181,7 +212,7 @@ def test_end_all_keeps_one_or_none(store):
     assert [s.id for s in store.sessions("alice", NOW)] == [keep.id]
     assert store.end_all("alice") == [keep.id]
     assert store.sessions("alice", NOW) == []
-    assert store.get(bobs.id, NOW) is not None
+    assert store.get(bobs.id, "bob", NOW) is not None
 
 
 def test_a_login_beyond_the_cap_evicts_the_least_recently_used(store):
@@ -229,7 +260,7 @@ def test_a_global_logout_racing_refreshes_leaves_nothing_alive(store):
 
     released_together(17, act)
     assert store.sessions("alice", NOW) == []
-    assert all(store.get(s.id, NOW) is None for s in sessions)
+    assert all(get(store, s, NOW) is None for s in sessions)
 
 
 def released_together(count, action):
@@ -266,18 +297,19 @@ def test_redis_keys_expire_with_their_session(redis_client):
     store = RedisStore(redis_client, POLICY)
     now = int(time.time())
     session, _ = begin(store, now=now)
-    assert 3595 <= redis_client.ttl(f"jwt:session:{session.id}") <= 3600  # the idle deadline
-    assert 3595 <= redis_client.ttl("jwt:user:alice:sessions") <= 3600
+    key = f"jwt:{{alice}}:session:{session.id}"  # the user's id is the hash tag
+    assert 3595 <= redis_client.ttl(key) <= 3600  # the idle deadline
+    assert 3595 <= redis_client.ttl("jwt:{alice}:sessions") <= 3600
     rotate(store, session, session.jti, now + 1000, "jti-2")
-    assert 4595 <= redis_client.ttl(f"jwt:session:{session.id}") <= 4600
-    assert 4595 <= redis_client.ttl("jwt:user:alice:sessions") <= 4600
+    assert 4595 <= redis_client.ttl(key) <= 4600
+    assert 4595 <= redis_client.ttl("jwt:{alice}:sessions") <= 4600
 
 
 def test_redis_index_forgets_ended_sessions(redis_client):
     store = RedisStore(redis_client, POLICY)
     session, _ = begin(store)
     store.end(session.id, "alice", NOW)
-    assert redis_client.exists("jwt:user:alice:sessions") == 0
+    assert redis_client.exists("jwt:{alice}:sessions") == 0
     assert redis_client.keys("jwt:*") == []
 
 

@@ -392,4 +392,4 @@ def test_remove_ends_the_accounts_sessions(cli, users_file):
     store.start(session, now)
     result = cli("remove", "alice@example.com")
     assert "ended 1 of its sessions" in result.output
-    assert store.get(session.id, now) is None
+    assert store.get(session.id, alice.id, now) is None

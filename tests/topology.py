@@ -42,10 +42,12 @@ from redis.retry import Retry
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 POLL_INTERVAL = 0.05  # seconds between two looks at a topology that is settling
-# Short timeouts, so that a failover takes a few seconds rather than the defaults' 30 s and more.
-CLUSTER_NODE_TIMEOUT_MS = 1000
-SENTINEL_DOWN_AFTER_MS = 1000
-SENTINEL_FAILOVER_TIMEOUT_MS = 3000
+# Short timeouts, so that a failover takes a few seconds rather than the defaults' 30 s and more;
+# two seconds, not one, so that a machine busy with other work does not fail a master over
+# that only answered late.
+CLUSTER_NODE_TIMEOUT_MS = 2000
+SENTINEL_DOWN_AFTER_MS = 2000
+SENTINEL_FAILOVER_TIMEOUT_MS = 6000
 SERVICE_NAME = "mymaster"
 QUORUM = 2
 # What every node runs with: no persistence, no delay before a replica's first full sync.
