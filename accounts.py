@@ -25,11 +25,11 @@ def change_password() -> Response:
     current = text_field(body, "currentPassword", MAX_PASSWORD_LENGTH)
     new = text_field(body, "newPassword", MAX_PASSWORD_LENGTH)
     user, users = g.user, get_users()
+    if not users.in_file(user):
+        raise not_changeable()
     problem = password_problem(new, user.email)  # before any hashing, and before a guess counts
     if problem:
         raise APIError(400, "weak_password", f"The new password cannot be used: {problem}.")
-    if not users.in_file(user):
-        raise not_changeable()
     # A stolen access token must not become a way around the login limits: a wrong current
     # password counts as a failed login (NIST SP 800-63B §5.2.2).
     guard, address = get_login_guard(), client_address()
