@@ -231,9 +231,7 @@ def test_the_commands_reach_every_granian_worker_without_a_restart(
     """`users add`, `passwd` and `remove` on a file that two granian workers read: each change
     is seen by every worker within about a second, and the sessions end with Redis's help."""
     path = tmp_path / "users.txt"
-    env = user_env(
-        **TEST_CONFIG, APP_ENV="production", USERS_FILE=str(path), REDIS_URL=redis_url
-    )
+    env = user_env(**TEST_CONFIG, APP_ENV="production", USERS_FILE=str(path), REDIS_URL=redis_url)
     added = flask_users(env, tmp_path, "add", "alice@example.com", input=f"{PASSWORD}\n" * 2)
     assert added.returncode == 0, added.stderr
     # No warning that does not apply to the command: getpass's about echo only (no terminal).
