@@ -42,15 +42,19 @@ def change_password() -> Response:
         audit("login_failed", user=user.id, via="password_change")
         raise APIError(401, "invalid_credentials", "The current password is incorrect.")
     guard.succeeded(user.email, address)
+
+    def end_others() -> list[str]:
+        # Before the file is written: if the store fails, the password stays as it was.
+        return get_store().end_all(user.id, keep=g.claims["sid"])
+
     try:
-        users.change_password(user, new)
+        ended = users.change_password(user, new, before_writing=end_others)
     except PasswordNotChangeable:  # its line was removed meanwhile
         raise not_changeable() from None
     except OSError as error:
         current_app.logger.error("USERS_FILE cannot be written: %s", error.strerror)
         message = "The accounts file cannot be written right now; the password is unchanged."
         raise APIError(503, "accounts_unavailable", message, {"Retry-After": "60"}) from None
-    ended = get_store().end_all(user.id, keep=g.claims["sid"])
     audit("password_changed", user=user.id, session=g.claims["sid"][:8], ended=str(len(ended)))
     for sid in ended:
         audit("session_ended", user=user.id, session=sid[:8], reason="password_changed")

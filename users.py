@@ -14,6 +14,7 @@ once a second, reading it again only when it changed (``Users.fresh``).
 
 import base64
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -36,6 +37,7 @@ from typing import TypeVar
 
 import argon2
 import click
+import redis
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from werkzeug.security import check_password_hash
@@ -316,18 +318,24 @@ class Users:
         """Tell whether the account has a line in USERS_FILE, where its password can change."""
         return user.id in self.fresh().in_file
 
-    def change_password(self, user: User, password: str) -> User:
-        """Write a new hash on the account's line: PasswordNotChangeable if it has none, an
-        OSError if the file cannot be written."""
+    def change_password(self, user: User, password: str, before_writing: Callable[[], T]) -> T:
+        """Write a new hash on the account's line, calling ``before_writing`` (which ends the
+        other sessions) just before; return what it returned.
+
+        PasswordNotChangeable if the account has no line; an OSError if the file cannot be
+        written. Ending the sessions first fails closed: if it raises (the store is down),
+        nothing is written, and the file is the last thing that can fail.
+        """
         if self._path is None or not self.in_file(user):
             raise PasswordNotChangeable("This account is not one of USERS_FILE's.")
         changed = replace(user, password_hash=self.hashing.run(lambda: hash_password(password)))
-        with self._lock:  # an OSError says the file cannot be written
-            with editing(self._path) as lines:
-                if not _replace_hash(lines, user.email, changed.password_hash):
-                    raise PasswordNotChangeable("This account is no longer in USERS_FILE.")
+        with self._lock, editing(self._path) as lines:
+            if not _replace_hash(lines, user.email, changed.password_hash):
+                raise PasswordNotChangeable("This account is no longer in USERS_FILE.")
+            result = before_writing()
+        with self._lock:
             self._replace(changed)  # this process knows at once; the others within a second
-        return changed
+        return result
 
     def __len__(self) -> int:
         """Count the accounts."""
@@ -502,6 +510,7 @@ def editing(path: str) -> Iterator[list[str]]:
     descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _check_writable(path)  # before the caller acts on a change that could not be written
         before = _file_lines(path)
         lines = list(before or [])
         yield lines
@@ -511,14 +520,24 @@ def editing(path: str) -> Iterator[list[str]]:
         os.close(descriptor)  # which releases the lock
 
 
+def _mode(path: str) -> int:
+    """Return the file's permissions, or those a new one gets."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o600  # CWE-732: a file of password hashes is readable by its owner only
+
+
+def _check_writable(path: str) -> None:
+    """Raise PermissionError for a file made read-only: it stays as it is, even for root."""
+    if not _mode(path) & stat.S_IWUSR:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
 def _write_lines(path: str, lines: list[str]) -> None:
     """Replace the file's content at once (a reader sees the old or the new), keeping its mode."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = 0o600  # CWE-732: a file of password hashes is readable by its owner only
-    if not mode & stat.S_IWUSR:  # a file made read-only stays as it is, even for root
-        raise PermissionError(13, "Permission denied", path)
+    mode = _mode(path)
+    _check_writable(path)
     descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".users-")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as file:
@@ -575,8 +594,9 @@ def change_password(email: str) -> None:
     with _editing_cli(path) as lines:
         if not _replace_hash(lines, email, password_hash):
             raise click.ClickException(f"{path} has no account for {email}.")
-    # OWASP Session Management Cheat Sheet, ASVS 5.0 V7: a new password ends every session.
-    click.echo(f"Changed the password of {email} in {path}. {_sessions_ended(email)}")
+        # OWASP Session Management Cheat Sheet, ASVS 5.0 V7: a new password ends every session.
+        ended = _end_sessions(email)
+    click.echo(f"Changed the password of {email} in {path}. {ended}")
 
 
 @users_cli.command("remove")
@@ -589,20 +609,27 @@ def remove_user(email: str) -> None:
         if account is None:
             raise click.ClickException(f"{path} has no account for {email}.")
         del lines[account[0] - 1]
-    # OWASP ASVS 3.3.3: the account's sessions end with it.
-    click.echo(f"Removed {email} from {path}. {_sessions_ended(email)}")
+        ended = _end_sessions(email)  # OWASP ASVS 3.3.3: the account's sessions end with it
+    click.echo(f"Removed {email} from {path}. {ended}")
 
 
 RUNNING_SERVERS = "Running servers that read it"
 
 
-def _sessions_ended(email: str) -> str:
-    """End the account's sessions where this command can reach them; say what happens to all."""
+def _end_sessions(email: str) -> str:
+    """End the account's sessions where this command can reach them; say what happens to all.
+
+    Called before the file is written: if the store does not answer, nothing changes.
+    """
     store = get_store()
     if store.kind == "memory":
         # This command's memory is not a server's: each server ends them itself on reading.
         return f"{RUNNING_SERVERS} end its sessions within a second."
-    count = len(store.end_all(_user_id(email)))
+    try:
+        count = len(store.end_all(_user_id(email)))
+    except redis.RedisError as error:
+        message = f"The session store does not answer ({type(error).__name__}); nothing changed."
+        raise click.ClickException(message) from None
     sessions = f"{count} session{'s' * (count != 1)}"
     return f"Ended its {sessions} in the shared store; its tokens stop working now."
 

@@ -4,11 +4,15 @@ import json
 import logging
 
 import pytest
+import redis
 
 import users
+from redis_store import RedisStore
 from server import create_app
+from store import Policy
 
-from .conftest import TEST_CONFIG, released_together
+from .conftest import TEST_CONFIG, call, released_together
+from .test_users_live import eventually
 
 PASSWORD = "correct horse battery"
 NEW = "a brand new passphrase"
@@ -171,3 +175,44 @@ def test_changes_released_together_leave_one_password_that_works(client, users_f
     ]
     assert len(working) == 1
     assert len(users_file.read_text().splitlines()) == 1
+
+
+def refuse_scripts(redis_server):
+    """From now on the real Redis refuses Lua scripts, as every change to a session is one;
+    reads (a token's session lookup) still work: the store fails in the middle of a request."""
+    with redis.Redis(port=redis_server.port) as admin:
+        admin.execute_command("ACL", "SETUSER", "default", "-@scripting")
+
+
+def test_a_store_failing_mid_change_leaves_the_password_as_it_was(users_file, own_redis):
+    app = create_app(TEST_CONFIG | {"USERS_FILE": str(users_file)})
+    app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    client = app.test_client()
+    phone, mine = login(client), login(client)
+    before = users_file.read_text()
+    refuse_scripts(own_redis)
+    response = change(client, mine)
+    assert response.status_code == 503 and response.json["error"] == "store_unavailable"
+    assert users_file.read_text() == before  # the sessions could not end, so nothing changed
+    accounts = users.Users.load(str(users_file), required=True, log=logging.getLogger("t"))
+    assert accounts.authenticate("alice@example.com", PASSWORD) is not None
+    assert me(client, phone).status_code == 200
+
+
+def test_under_granian_workers_the_callers_session_outlives_every_workers_reread(
+    tmp_path, start_cluster
+):
+    path = tmp_path / "users.txt"
+    path.write_text(f"alice@example.com:{users.hash_password(PASSWORD)}\n")
+    url, _ = start_cluster(APP_ENV="production", USERS_FILE=str(path), DEMO_USER_PASSWORD="")
+    other, mine = (call(url, "POST", "/login", ALICE)[2] for _ in range(2))
+    body = {"currentPassword": PASSWORD, "newPassword": NEW}
+    assert call(url, "POST", "/password", body, token=mine["accessToken"])[0] == 204
+    assert call(url, "GET", "/me", token=other["accessToken"])[0] == 401
+    new = ALICE | {"password": NEW}
+    # Until every worker has read the new file: the new password works on each of them...
+    assert eventually(lambda: all(call(url, "POST", "/login", new)[0] == 200 for _ in range(10)))
+    # ...and none of them, reading it, ended the session that made the change.
+    assert all(call(url, "GET", "/me", token=mine["accessToken"])[0] == 200 for _ in range(10))
+    refreshed = call(url, "POST", "/token", {"refreshToken": mine["refreshToken"]})
+    assert refreshed[0] == 200

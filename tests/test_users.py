@@ -7,6 +7,7 @@ import time
 
 import argon2
 import pytest
+import redis
 from flask import Flask
 from werkzeug.security import generate_password_hash
 
@@ -519,3 +520,18 @@ def test_passwd_and_remove_with_redis_end_the_sessions_in_it(cli, users_file, re
     result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
     assert "Ended its 1 session in the shared store; its tokens stop working now." in result.output
     assert store.get(session.id, now) is None
+
+
+def test_passwd_when_the_store_does_not_answer_changes_nothing(cli, users_file, own_redis):
+    from redis_store import RedisStore
+
+    cli.app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    before = users_file.read_text()
+    own_redis.stop()
+    result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
+    assert result.exit_code == 1
+    assert "The session store does not answer (ConnectionError); nothing changed." in result.output
+    assert users_file.read_text() == before
+    result = cli("remove", "alice@example.com")
+    assert result.exit_code == 1 and users_file.read_text() == before

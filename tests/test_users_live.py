@@ -136,7 +136,7 @@ def test_changes_made_here_end_nothing_on_the_next_read(users_file):
     with time_machine.travel(1_800_000_000, tick=False) as clock:
         accounts = Users.load(str(users_file), required=True, log=LOG, ended=ended.append)
         alice = accounts.authenticate("alice@example.com", PASSWORD)
-        accounts.change_password(alice, NEW_PASSWORD)
+        assert accounts.change_password(alice, NEW_PASSWORD, lambda: "ended") == "ended"
         clock.shift(1)
         assert accounts.authenticate("alice@example.com", NEW_PASSWORD) is not None
         assert ended == []
