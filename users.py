@@ -43,7 +43,7 @@ from flask.cli import AppGroup
 from werkzeug.security import check_password_hash
 
 from errors import APIError
-from settings import ConfigError
+from settings import ConfigError, app_command
 from store import get_store
 
 # OWASP Password Storage Cheat Sheet: Argon2id at its first recommended setting,
@@ -692,7 +692,7 @@ def init_app(app: Flask) -> None:
     the ``flask users`` commands."""
     config = app.config
     # The `flask users` commands must run before the file exists: they create it.
-    from_cli = click.get_current_context(silent=True) is not None and not config["SERVER"]
+    from_cli = app_command() and not config["SERVER"]
     path = config["USERS_FILE"]
     production = config["APP_ENV"] == "production"
     required = production and path is not None and not from_cli
