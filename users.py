@@ -718,12 +718,13 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(users_cli)
 
 
-def _ending_sessions(app: Flask) -> Callable[[str], object]:
+def _ending_sessions(app: Flask) -> Callable[[str], object] | None:
     """Return what ends an account's sessions when a re-read of USERS_FILE finds it changed."""
     store = app.extensions["store"]
     if store.kind != "memory":
-        # A shared store was told by whatever changed the file (the command, POST /password).
-        return lambda user_id: None
+        # A shared store was told by whatever changed the file (the command, POST /password),
+        # and ending them here again would end the session that changed the password.
+        return None
 
     def end(user_id: str) -> None:
         ended = store.end_all(user_id)
