@@ -12,7 +12,7 @@ from server import create_app
 from store import Policy
 
 from .conftest import TEST_CONFIG, call, released_together
-from .test_users_live import eventually
+from .test_users_live import LIVE, eventually
 
 PASSWORD = "correct horse battery"
 NEW = "a brand new passphrase"
@@ -204,7 +204,7 @@ def test_under_granian_workers_the_callers_session_outlives_every_workers_reread
 ):
     path = tmp_path / "users.txt"
     path.write_text(f"alice@example.com:{users.hash_password(PASSWORD)}\n")
-    url, _ = start_cluster(APP_ENV="production", USERS_FILE=str(path), DEMO_USER_PASSWORD="")
+    url, _ = start_cluster(**LIVE, USERS_FILE=str(path))
     other, mine = (call(url, "POST", "/login", ALICE)[2] for _ in range(2))
     body = {"currentPassword": PASSWORD, "newPassword": NEW}
     assert call(url, "POST", "/password", body, token=mine["accessToken"])[0] == 204

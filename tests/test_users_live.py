@@ -21,6 +21,12 @@ from .conftest import TEST_CONFIG, call, released_together, user_env
 LOG = logging.getLogger("test_users_live")
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new passphrase"
+# Production under granian, with room for the logins that wait for every worker to agree.
+LIVE = {
+    "APP_ENV": "production",
+    "DEMO_USER_PASSWORD": "",
+    "LOGIN_ADDRESS_RATE_LIMIT": "1000/minute",
+}
 
 
 def line(email, password=PASSWORD):
@@ -241,7 +247,7 @@ def test_the_commands_reach_every_granian_worker_without_a_restart(
     assert added.returncode == 0, added.stderr
     # No warning that does not apply to the command: getpass's about echo only (no terminal).
     assert "does not exist" not in added.stderr and "random" not in added.stderr
-    url, _ = start_cluster(APP_ENV="production", USERS_FILE=str(path), DEMO_USER_PASSWORD="")
+    url, _ = start_cluster(**LIVE, USERS_FILE=str(path))
     dave = {"email": "dave@example.com", "password": PASSWORD}
     assert call(url, "POST", "/login", dave)[0] == 401
 
