@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 from flask import Flask, current_app, g, request
 
-from errors import APIError
+from errors import APIError, after_colon
 from keys import Key, KeyRing, eddsa_ring, hmac_ring
 from store import Session, get_store, new_id
 from users import User, get_users
@@ -184,7 +184,7 @@ def invalid_access_token(
     return APIError(
         401,
         "invalid_token",
-        f"The access token is not valid: {message} {remedy}",
+        f"The access token is not valid: {after_colon(message)} {remedy}",
         {"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
 

@@ -37,6 +37,11 @@ def error_body(code: str, message: str | None) -> dict[str, str | None]:
     return {"error": code, "message": message}
 
 
+def after_colon(sentence: str) -> str:
+    """Return a sentence to follow a colon in another: one sentence, no capital after it."""
+    return sentence[:1].lower() + sentence[1:]
+
+
 def body_too_large() -> APIError:
     """Return the 413 of a body over the bound, however it was framed (RFC 9110 §15.5.14)."""
     return APIError(413, "request_entity_too_large", "The request body is over 64 KiB.")

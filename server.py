@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
+import accounts
 import auth
 import browser
 import metrics
@@ -29,7 +30,7 @@ import users
 import web
 from auth import InvalidToken, SessionEnded, get_tokens, live_account, token_required
 from browser import deliver, logged_out, presented_refresh_claims
-from errors import APIError
+from errors import APIError, after_colon
 from sessions import end_sessions, logout_scope
 from store import Rotation, Session, get_policy, get_store, new_id
 from throttle import Throttled, get_login_guard
@@ -57,6 +58,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
 
     app.register_blueprint(api)  # the story: below
     app.register_blueprint(sessions.bp)  # GET /sessions, DELETE /sessions/<id>
+    app.register_blueprint(accounts.bp)  # POST /password
     app.register_blueprint(browser.bp)  # the demo page, the refresh cookie and CSRF
     app.register_blueprint(other_services.bp)  # the JWKS and introspection
     app.register_blueprint(web.bp)  # /healthz and /openapi.json
@@ -99,7 +101,8 @@ def refresh() -> Response:
         claims = presented_refresh_claims(json_body())
     except InvalidToken as error:
         audit("refresh_refused", reason="invalid_token")
-        raise invalid_refresh_token(f"The refresh token is not valid: {error}") from None
+        message = f"The refresh token is not valid: {after_colon(str(error))}"
+        raise invalid_refresh_token(message) from None
     now, sid = int(time.time()), claims["sid"]
     outcome, session = get_store().rotate(
         sid, claims["jti"], new_jti=new_id(), user=claims["sub"], now=now, ip=client_address()

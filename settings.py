@@ -100,12 +100,19 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         settings["DEMO_USER_PASSWORD"] = "demo-password"
     _check_keys_differ(settings, production, log)
     _check_server_fit(settings, production, server, random_secrets)
-    if random_secrets:
+    if random_secrets and not app_command():
         log.warning(
             "%s not set: using random secrets, so tokens die with this process.",
             " and ".join(random_secrets),
         )
     return settings
+
+
+def app_command() -> bool:
+    """Tell whether a command of the app's own (`flask users ...`) is starting it: no server,
+    so no tokens that random secrets would concern, and no accounts file needed yet."""
+    context = click.get_current_context(silent=True)  # Flask builds the app to find the command
+    return context is not None and context.parent is None
 
 
 def _secret(env: Mapping[str, str], name: str, production: bool, randoms: list[str]) -> str:

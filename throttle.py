@@ -47,11 +47,19 @@ def throttled(
     error = Throttled(
         429,
         "too_many_requests",
-        f"Too many failed {what}; retry in {retry_after} s.",
+        f"Too many failed {what}; retry in {in_words(retry_after)}.",
         {"Retry-After": str(retry_after)},
     )
     error.limit = limit.name
     return error
+
+
+def in_words(seconds: int) -> str:
+    """Say a wait as a person would: "15 minutes", "1 minute", "40 seconds"."""
+    if seconds < 60:
+        return f"{seconds} second{'s' * (seconds != 1)}"
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} minute{'s' * (minutes != 1)}"
 
 
 class LoginGuard:

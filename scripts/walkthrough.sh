@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # A guided tour of the service with curl. Start the server first (make run), then:
 #   scripts/walkthrough.sh [BASE_URL]        (default http://127.0.0.1:3000)
+# It logs in with the demo account. Production has none: give an account of USERS_FILE with
+#   TOUR_EMAIL=alice@example.com scripts/walkthrough.sh https://auth.example.com
+# which asks for its password without echo (or reads TOUR_PASSWORD) and never prints it.
 # Each step says what it does and why, and prints each command it runs exactly as it runs it:
 # pasted in order into bash, they do the same. Answers are printed with every token shortened,
 # never whole, and tokens' headers and claims decoded. It exits non-zero if any answer is not
@@ -10,8 +13,19 @@
 set -euo pipefail
 
 BASE="${1:-http://127.0.0.1:3000}"
-EMAIL="${DEMO_USER_EMAIL:-demo@example.com}"
-PASSWORD="${DEMO_USER_PASSWORD:-demo-password}"  # the demo account's, printed on purpose
+if [ -n "${TOUR_EMAIL:-}" ]; then  # an account of USERS_FILE: its password is never printed
+  EMAIL=$TOUR_EMAIL
+  if [ -z "${TOUR_PASSWORD:-}" ]; then
+    read -rsp "Password for $EMAIL: " TOUR_PASSWORD </dev/tty
+    printf '\n'
+  fi
+  PASSWORD=$TOUR_PASSWORD
+  DEMO=no
+else
+  EMAIL="${DEMO_USER_EMAIL:-demo@example.com}"
+  PASSWORD="${DEMO_USER_PASSWORD:-demo-password}"  # the demo account's, printed on purpose
+  DEMO=yes
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 # The printed commands are what a user types. This script learns each answer's status and
@@ -105,11 +119,18 @@ quote() {  # quote TEXT: TEXT in single quotes, as a shell reads it back
   printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
-CREDENTIALS=$(quote "$(python3 -c 'import json, sys
-print(json.dumps({"email": sys.argv[1], "password": sys.argv[2]}))' "$EMAIL" "$PASSWORD")")
+CREDENTIALS_JSON=$(python3 -c 'import json, sys
+print(json.dumps({"email": sys.argv[1], "password": sys.argv[2]}))' "$EMAIL" "$PASSWORD")
+CHANGE_JSON=$(python3 -c 'import json, sys
+print(json.dumps({"currentPassword": sys.argv[1], "newPassword": "too short"}))' "$PASSWORD")
+if [ "$DEMO" = yes ]; then  # the demo's password, shown in the commands as they run
+  CREDENTIALS=$(quote "$CREDENTIALS_JSON") CHANGE=$(quote "$CHANGE_JSON")
+else  # a real password: the commands name the variables that hold it
+  CREDENTIALS='"$CREDENTIALS_JSON"' CHANGE='"$CHANGE_JSON"'
+fi
 JSON_BODY="-H 'Content-Type: application/json'"
 
-log_in() {  # log_in [CURL_OPTIONS]: the command that logs in with the demo account
+log_in() {  # log_in [CURL_OPTIONS]: the command that logs in with the tour's account
   printf 'ANSWER=$(curl -s -X POST %s/login%s %s -d %s)' \
     "$BASE" "${1:+ $1}" "$JSON_BODY" "$CREDENTIALS"
 }
@@ -144,6 +165,10 @@ step "0. A helper" \
   "The answers are JSON; this prints one field of the JSON it reads, so the commands below" \
   "can keep tokens in shell variables."
 run "json() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' \"\$1\"; }"
+if [ "$DEMO" = no ]; then
+  printf '   The logins send $CREDENTIALS_JSON, {"email": "%s", "password": ...}, and step 10\n' "$EMAIL"
+  printf '   $CHANGE_JSON: they hold the password you gave, which is never printed.\n'
+fi
 
 step "1. Log in" \
   "POST /login checks the password and starts a session: a short-lived access token and a" \
@@ -211,7 +236,21 @@ request 200 "$(get /sessions ACCESS)"
 expect "one session left, this one" \
   '[(s["userAgent"], s["current"]) for s in answer["sessions"]] == [("laptop", True)]'
 
-step "10. Log out" \
+step "10. Change the password" \
+  "POST /password, with the access token and the current password, sets a new one (204); every" \
+  "other session of the account ends, this one goes on. The current password is checked as a" \
+  "login's is, under the same limits. A new password has at least 15 characters, and is not" \
+  "the email nor a common one; only accounts of USERS_FILE change theirs here. This tour keeps" \
+  "your password: it sends a new one too short, which the service refuses, saying why."
+request_password="curl -s -X POST $BASE/password -H \"Authorization: Bearer \$ACCESS\""
+request_password+=" $JSON_BODY -d $CHANGE"
+if [ "$DEMO" = yes ]; then
+  request 403 "$request_password" password_not_changeable
+else
+  request 400 "$request_password" weak_password
+fi
+
+step "11. Log out" \
   "POST /logout ends this session; its access token stops working at once."
 request 204 "$(post_logout REFRESH)"
 request 401 "$(get /me ACCESS)" invalid_token

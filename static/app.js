@@ -148,8 +148,18 @@ function refresh(reason, spent = accessToken) {
 // from another device, expired, or reuse detected). Every tab of this browser shares it.
 function sessionOver(answer) {
   forgetSession();
-  showLoggedOut(`Session over: ${answer.body.message ?? "the service refused it."}`);
+  showLoggedOut(sessionOverMessage(answer.body.message));
   tabs.postMessage({ type: "logged-out" });
+}
+
+// The service's message is a sentence of its own, shown as it is. A refresh token signed with
+// a key the service no longer holds most often means it restarted with new random secrets
+// (no ACCESS_TOKEN_SECRET or REFRESH_TOKEN_SECRET set): say that in the user's words.
+const UNKNOWN_KEY = "signed with a key this service does not hold";
+
+function sessionOverMessage(message) {
+  if (message?.includes(UNKNOWN_KEY)) return "The server restarted, so log in again.";
+  return message ?? "The service ended the session. Log in again.";
 }
 
 // The service is down (a 503 with Retry-After, or no answer): keep the session and try
@@ -163,9 +173,11 @@ function tryAgainLater(reason, answer) {
   setStatus(`${what} You are still logged in; this page tries again in ${delay} s.`, "warning");
 }
 
+const NO_ANSWER = "The service did not answer: it may be down, or the network is.";
+
 function unavailableMessage(answer) {
-  const why = answer.status ? `it answered ${answer.status}` : "it did not answer";
-  return `The service is unavailable (${why}).`;
+  if (!answer.status) return "The service did not answer.";
+  return `The service is unavailable (it answered ${answer.status}).`;
 }
 
 // Give the other tabs the fresh access token, with what is left of its life, so that they
@@ -195,8 +207,7 @@ async function login(event) {
   const fields = { email: $("email").value, password: $("password").value };
   const answer = await send("POST", "/login", { cookie: true, fields });
   if (!answer.ok) {
-    const why = answer.status ? answer.body.message : "The service did not answer.";
-    return setStatus(`Login refused: ${why}`, "error");
+    return setStatus(answer.status ? answer.body.message : NO_ANSWER, "error");
   }
   useTokens(answer.body.accessToken, answer.body.expiresIn);
   tellOtherTabs();
@@ -208,8 +219,9 @@ async function login(event) {
 async function callMe() {
   $("me").textContent = "(calling…)";
   const answer = await api("GET", "/me");
-  const status = answer.status || "(no answer)";
-  $("me").textContent = `HTTP ${status}\n${JSON.stringify(answer.body, null, 2)}`;
+  $("me").textContent = answer.status
+    ? `HTTP ${answer.status}\n${JSON.stringify(answer.body, null, 2)}`
+    : NO_ANSWER;
   if (unavailable(answer)) {
     const what = unavailableMessage(answer);
     setStatus(`${what} You are still logged in: try again in a moment.`, "warning");
@@ -299,6 +311,7 @@ function showLoggedOut(status) {
   $("login").hidden = false;
   $("me").textContent = "(not called yet)";
   $("sessions").replaceChildren();
+  $("logout-others").hidden = true;
   setStatus(status);
 }
 
@@ -349,14 +362,19 @@ function showSessions(sessions) {
       if (session.current) logout("local");
       else endSession(session.id);
     });
-    const ends = session.idleExpiresAt ?? session.expiresAt; // the idle deadline comes first
+    // "Ends if unused": the idle deadline, which each use moves on; else the absolute one.
+    const ends = session.idleExpiresAt ?? session.expiresAt;
     const buttonCell = cell("");
     buttonCell.append(end);
     row.append(device, cell(session.ip), cell(when(session.createdAt)),
       cell(when(session.lastUsedAt)), cell(when(ends)), buttonCell);
+    // On a narrow screen each cell shows its column's name (style.css stacks the rows).
+    [...row.children].forEach((td, index) => { td.dataset.label = COLUMNS[index]; });
     return row;
   });
   $("sessions").replaceChildren(...rows);
+  // Only another session can be logged out "everywhere else".
+  $("logout-others").hidden = !sessions.some((session) => !session.current);
 }
 
 // "Firefox on Windows": enough of a User-Agent to tell sessions apart. Order matters: Edge's
@@ -372,6 +390,8 @@ function deviceName(userAgent) {
   if (!browser) return userAgent || "(unknown)";
   return system ? `${browser} on ${system}` : browser;
 }
+
+const COLUMNS = [...document.querySelectorAll("thead th")].map((th) => th.textContent);
 
 function cell(text) {
   const td = document.createElement("td");
@@ -392,6 +412,7 @@ function log(message, kind) {
   text.textContent = message;
   item.append(time, " ", text);
   if (kind) item.className = kind;
+  $("history").hidden = false; // drawn once something has happened
   $("log").append(item);
   while ($("log").children.length > LOG_LENGTH) $("log").firstElementChild.remove();
   $("log").scrollTop = $("log").scrollHeight;

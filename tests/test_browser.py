@@ -280,8 +280,7 @@ def test_no_answer_is_try_again_with_growing_waits(browser, server):
 
     press(page, "Refresh now")
     expect(page.locator("#status")).to_have_text(
-        "The service is unavailable (it did not answer)."
-        " You are still logged in; this page tries again in 2 s."
+        "The service did not answer. You are still logged in; this page tries again in 2 s."
     )
     page.clock.fast_forward("00:02")
     expect(page.locator("#status")).to_contain_text("this page tries again in 4 s.")
@@ -338,7 +337,10 @@ def test_the_sessions_panel_lists_ends_and_logs_out_everywhere_else(browser, ser
     rows.filter(has_text="Tablet").get_by_role("button", name="End").click()
     expect(rows).to_have_count(2)
     press(tablet, "Call GET /me")  # 401, and the refresh is refused: the session is over
-    expect(tablet.locator("#status")).to_contain_text("Session over: ")
+    # The service's own sentence, with no prefix stacked on it.
+    expect(tablet.locator("#status")).to_have_text(
+        "This refresh token's session has ended. Log in again."
+    )
     expect(tablet.locator("#login")).to_be_visible()
     assert requests_of(tablet)[-2:] == [
         "GET /me → 401 invalid_token",
@@ -348,6 +350,8 @@ def test_the_sessions_panel_lists_ends_and_logs_out_everywhere_else(browser, ser
     press(page, "Log out everywhere else")
     expect(rows).to_have_count(1)
     expect(rows).to_contain_text("This session")
+    # No other session, so nothing "else" to log out of.
+    expect(page.get_by_role("button", name="Log out everywhere else")).to_be_hidden()
     press(phone, "Call GET /me")
     expect(phone.locator("#login")).to_be_visible()
     press(page, "Call GET /me")
@@ -356,3 +360,79 @@ def test_the_sessions_panel_lists_ends_and_logs_out_everywhere_else(browser, ser
     rows.get_by_role("button", name="End").click()  # ending this session is logging out
     expect(page.locator("#status")).to_have_text("Logged out.")
     assert not session_cookies(context)
+
+
+PHONE = {"width": 390, "height": 844}  # an iPhone 12 to 15's screen, in CSS pixels
+# Anything wider than its box: the page, or a block that would scroll sideways inside it.
+SIDEWAYS = """() => [document.documentElement, ...document.querySelectorAll("main *")]
+  .filter((e) => e.offsetParent !== null || e === document.documentElement)
+  .filter((e) => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX !== "hidden")
+  .map((e) => e.id || e.tagName)"""
+
+
+def test_the_page_fits_a_390_pixel_phone_without_sideways_scrolling(browser, server):
+    elsewhere = browser.new_context(user_agent=FIREFOX)
+    assert elsewhere.request.post(server + "/login", data=DEMO).ok
+    page = open_tab(new_context(browser, viewport=PHONE, is_mobile=True), server)
+    assert page.evaluate(SIDEWAYS) == []
+    log_in(page)
+    expect(page.locator("#sessions tr")).to_have_count(2)
+    assert page.evaluate("innerWidth") == 390
+    assert page.evaluate(SIDEWAYS) == []
+    # Each stacked session row still names what its times are.
+    label = "getComputedStyle(document.querySelector('tr.current td:nth-child(5)'), '::before')"
+    assert page.evaluate(f"{label}.content") == '"Ends if unused: "'
+
+
+def test_the_sessions_table_says_which_deadline_and_offers_others_only_with_others(browser, server):
+    page = open_tab(new_context(browser), server)
+    log_in(page)
+    expect(page.locator("thead th").nth(4)).to_have_text("Ends if unused")
+    expect(page.locator("#sessions tr")).to_have_count(1)
+    expect(page.get_by_role("button", name="Log out everywhere else")).to_be_hidden()
+    other = open_tab(new_context(browser), server)
+    log_in(other)
+    page.reload()  # the list is read again
+    expect(page.locator("#sessions tr")).to_have_count(2)
+    expect(page.get_by_role("button", name="Log out everywhere else")).to_be_visible()
+
+
+def test_what_happened_is_drawn_only_once_something_has(browser, server):
+    page = open_tab(new_context(browser), server)
+    expect(page.locator("#status")).to_have_text("Not logged in.")
+    expect(page.get_by_role("heading", name="What happened")).to_be_hidden()
+    log_in(page)
+    expect(page.get_by_role("heading", name="What happened")).to_be_visible()
+    expect(page.locator("#log li").first).to_contain_text("POST /login")
+
+
+def test_no_answer_says_so_instead_of_an_empty_body(browser, server):
+    context = new_context(browser)
+    page = open_tab(context, server)
+    log_in(page)
+    context.route("**/me", lambda route: route.abort())
+    press(page, "Call GET /me")
+    expect(page.locator("#me")).to_have_text(
+        "The service did not answer: it may be down, or the network is."
+    )
+    expect(page.locator("#status")).to_have_text(
+        "The service did not answer. You are still logged in: try again in a moment."
+    )
+
+
+def test_a_login_refused_shows_the_services_sentence_alone(browser, server):
+    page = open_tab(new_context(browser), server)
+    page.fill("#password", "not the password")
+    press(page, "Log in")
+    expect(page.locator("#status")).to_have_text("The email or password is incorrect.")
+
+
+def test_after_a_restart_with_new_random_secrets_the_page_says_so(browser, start_server):
+    """No secrets set: each start makes new ones, so the refresh cookie no longer verifies."""
+    before = start_server(ACCESS_TOKEN_TTL="30")
+    context = new_context(browser)
+    log_in(open_tab(context, before))
+    after = start_server(ACCESS_TOKEN_TTL="30")  # cookies go by host, not port: the same jar
+    page = open_tab(context, after)
+    expect(page.locator("#status")).to_have_text("The server restarted, so log in again.")
+    expect(page.locator("#login")).to_be_visible()

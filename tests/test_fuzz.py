@@ -26,6 +26,7 @@ ROUTES = [
     ("GET", "/me"),
     ("GET", "/sessions"),
     ("DELETE", "/sessions/some-id"),
+    ("POST", "/password"),
     ("POST", "/introspect"),
     ("GET", "/.well-known/jwks.json"),
     ("GET", "/healthz"),
@@ -46,6 +47,7 @@ JSON_VALUES = st.recursive(
 # Mostly JSON, so that most examples get past the media type to the routes' own checks.
 CONTENT_TYPES = ["application/json"] * 8 + ["text/plain", "application/x-www-form-urlencoded"]
 FIELDS = ["email", "password", "refreshToken", "refreshTokenTransport", "scope"]
+FIELDS += ["currentPassword", "newPassword"]
 
 
 def b64(value):

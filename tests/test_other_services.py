@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
 from werkzeug.datastructures import ResponseCacheControl
 from werkzeug.http import parse_cache_control_header
 
+from errors import after_colon
 from keys import generate, hmac_kid, thumbprint
 from server import create_app
 from settings import ConfigError, load_settings
@@ -128,7 +129,9 @@ def eddsa(private_file, *previous_public_files):
 
 def refused_at_me(response, reason):
     """401 at GET /me, for exactly this reason."""
-    message = f"The access token is not valid: {reason} Log in or refresh to get a new one."
+    message = (
+        f"The access token is not valid: {after_colon(reason)} Log in or refresh to get a new one."
+    )
     assert (response.status_code, response.json) == (
         401,
         {"error": "invalid_token", "message": message},
@@ -239,7 +242,7 @@ def test_rotating_secrets_logs_no_one_out(store):
     response = retired.refresh(idle["refreshToken"])
     assert (response.status_code, response.json["message"]) == (
         403,
-        f"The refresh token is not valid: {UNKNOWN_KEY} Log in again.",
+        f"The refresh token is not valid: {after_colon(UNKNOWN_KEY)} Log in again.",
     )
     # The session that refreshed after the promotion lives on under the new secrets.
     assert retired.me(renewed["accessToken"]).status_code == 200
@@ -422,7 +425,7 @@ def test_a_refused_refresh_token_spends_nothing(no_grace, make_token, reason):
         403,
         {
             "error": "invalid_refresh_token",
-            "message": f"The refresh token is not valid: {reason} Log in again.",
+            "message": f"The refresh token is not valid: {after_colon(reason)} Log in again.",
         },
     )
     assert no_grace.refresh(tokens["refreshToken"]).status_code == 200

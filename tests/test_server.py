@@ -121,7 +121,7 @@ def test_expired_refresh_token_is_refused(auth_actions):
         response = auth_actions.refresh(tokens["refreshToken"])
     assert response.status_code == 403
     assert response.json["message"] == (
-        "The refresh token is not valid: The token has expired. Log in again."
+        "The refresh token is not valid: the token has expired. Log in again."
     )
 
 
@@ -141,7 +141,7 @@ def test_badly_signed_refresh_token_is_refused(auth_actions):
     response = auth_actions.refresh(forged)
     assert response.status_code == 403
     assert response.json["message"] == (
-        "The refresh token is not valid: The token's signature does not match. Log in again."
+        "The refresh token is not valid: the token's signature does not match. Log in again."
     )
 
 
@@ -193,7 +193,7 @@ def test_me_with_a_bad_token(auth_actions):
     assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert response.json == {
         "error": "invalid_token",
-        "message": "The access token is not valid: The token is malformed. "
+        "message": "The access token is not valid: the token is malformed. "
         "Log in or refresh to get a new one.",
     }
 
@@ -205,7 +205,7 @@ def test_me_with_an_expired_token(auth_actions):
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert response.json["message"] == (
-        "The access token is not valid: The token has expired. Log in or refresh to get a new one."
+        "The access token is not valid: the token has expired. Log in or refresh to get a new one."
     )
 
 

@@ -273,7 +273,7 @@ def test_an_access_token_is_refused_right_after_its_session_ends(actions, end):
     response = actions.me(tokens["accessToken"])
     assert response.status_code == 401
     assert response.json["message"] == (
-        "The access token is not valid: Its session has ended. Log in again."
+        "The access token is not valid: its session has ended. Log in again."
     )
     assert actions.sessions(tokens["accessToken"]).status_code == 401
 

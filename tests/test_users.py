@@ -3,9 +3,11 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import argon2
 import pytest
+import redis
 from flask import Flask
 from werkzeug.security import generate_password_hash
 
@@ -18,6 +20,8 @@ from users import Users, users_cli
 SHIPPED_HASHER = users.PASSWORD_HASHER
 OWASP_PREFIX = "$argon2id$v=19$m=19456,t=2,p=1$"
 LOG = logging.getLogger("test_users")
+PASSWORD = "correct horse battery"  # 15 characters or more, and not a common one
+TYPED_TWICE = f"{PASSWORD}\n{PASSWORD}\n"
 
 
 class SpyHasher:
@@ -103,7 +107,7 @@ def test_old_werkzeug_hash_verifies_and_is_upgraded_in_the_file(tmp_path, method
     after = f"# our team\nbob@example.com:{bob}\n\nAlice@Example.com:{alice.password_hash}\r\n# end"
     assert path.read_bytes() == after.encode()
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    assert sorted(os.listdir(tmp_path)) == ["users.txt"]  # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["users.txt", "users.txt.lock"]  # no temporary file
     assert load(path).authenticate("alice@example.com", "old secret") == alice
 
 
@@ -248,24 +252,24 @@ def cli(users_file):
 
 
 def test_add_creates_the_file_for_its_owner_only_and_the_account_logs_in(cli, users_file):
-    result = cli("add", "Alice@Example.com", input="correct horse\ncorrect horse\n")
+    result = cli("add", "Alice@Example.com", input=TYPED_TWICE)
     assert result.exit_code == 0, result.output
     assert f"Added Alice@Example.com to {users_file}." in result.output
-    assert "correct horse" not in result.output and "$argon2id$" not in result.output
+    assert PASSWORD not in result.output and "$argon2id$" not in result.output
     assert stat.S_IMODE(users_file.stat().st_mode) == 0o600
-    assert load(users_file).authenticate("alice@example.com", "correct horse") is not None
+    assert load(users_file).authenticate("alice@example.com", PASSWORD) is not None
 
 
 def test_add_appends_after_a_last_line_without_newline(cli, users_file):
     users_file.write_text("# accounts")
-    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
     lines = users_file.read_text().splitlines()
     assert lines[0] == "# accounts" and lines[1].startswith("alice@example.com:$argon2id$")
 
 
 def test_add_refuses_an_email_that_has_an_account(cli, users_file):
-    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
-    result = cli("add", "ALICE@example.com", input="other\nother\n")
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    result = cli("add", "ALICE@example.com", input="another long password\n" * 2)
     assert result.exit_code == 1
     assert f"ALICE@example.com already has an account in {users_file}." in result.output
     assert len(users_file.read_text().splitlines()) == 1
@@ -283,14 +287,14 @@ def test_add_refuses_an_email_that_has_an_account(cli, users_file):
     ],
 )
 def test_add_refuses_an_email_that_cannot_sit_on_a_line(cli, users_file, email, problem):
-    result = cli("add", email, input="secret\nsecret\n")
+    result = cli("add", email, input=TYPED_TWICE)
     assert result.exit_code == 1
     assert "Cannot add this email" in result.output and problem in result.output
     assert not users_file.exists()
 
 
 def test_add_asks_again_when_the_confirmation_differs(cli, users_file):
-    result = cli("add", "alice@example.com", input="secret\nsecre\n")
+    result = cli("add", "alice@example.com", input=f"{PASSWORD}\n{PASSWORD[:-1]}\n")
     assert "The two entered values do not match." in result.output
     assert result.exit_code == 1  # no third answer: aborted
     assert not users_file.exists()
@@ -309,7 +313,7 @@ def test_add_refuses_an_empty_or_overlong_password(cli, users_file, password, pr
 
 def test_list_prints_emails_only(cli, users_file):
     for email in ("alice@example.com", "Bob@Example.com"):
-        assert cli("add", email, input="secret\nsecret\n").exit_code == 0
+        assert cli("add", email, input=TYPED_TWICE).exit_code == 0
     with users_file.open("a") as file:
         file.write("# a comment\n")
     result = cli("list")
@@ -327,7 +331,7 @@ def test_list_names_a_malformed_line(cli, users_file):
 
 def test_remove_deletes_only_that_account(cli, users_file):
     for email in ("alice@example.com", "bob@example.com"):
-        assert cli("add", email, input="secret\nsecret\n").exit_code == 0
+        assert cli("add", email, input=TYPED_TWICE).exit_code == 0
     users_file.write_text("# team\n" + users_file.read_text())
     bob_line = users_file.read_text().splitlines()[2]
 
@@ -340,7 +344,7 @@ def test_remove_deletes_only_that_account(cli, users_file):
 
 
 def test_remove_refuses_an_email_without_account(cli, users_file):
-    assert cli("add", "bob@example.com", input="secret\nsecret\n").exit_code == 0
+    assert cli("add", "bob@example.com", input=TYPED_TWICE).exit_code == 0
     before = users_file.read_text()
     result = cli("remove", "alice@example.com")
     assert result.exit_code == 1
@@ -351,7 +355,7 @@ def test_remove_refuses_an_email_without_account(cli, users_file):
 @pytest.mark.parametrize("args", [("add", "alice@example.com"), ("list",), ("remove", "a@b.c")])
 def test_commands_without_users_file_say_how_to_set_it(cli, args):
     cli.app.config["USERS_FILE"] = None
-    result = cli(*args, input="secret\nsecret\n")
+    result = cli(*args, input=TYPED_TWICE)
     assert result.exit_code == 1
     assert "Set USERS_FILE to the accounts file, e.g. USERS_FILE=users.txt" in result.output
 
@@ -381,15 +385,153 @@ def test_the_readme_production_path_through_the_real_flask_command(tmp_path, sta
     assert call(url, "POST", "/login", DEMO)[0] == 401
 
 
-def test_remove_ends_the_accounts_sessions(cli, users_file):
-    # OWASP ASVS 3.3.3: an account removed (or re-added with a new password) keeps no session.
-    assert cli("add", "alice@example.com", input="secret\nsecret\n").exit_code == 0
+def test_remove_with_the_memory_store_does_not_pretend_to_reach_a_server(cli, users_file):
+    # The command's own memory store is not a running server's: those end the sessions
+    # themselves when they read the file (test_users_live.py).
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
     store, now = cli.app.extensions["store"], 1_800_000_000
-    alice = users.Users.load(
-        str(users_file), required=True, log=logging.getLogger("t")
-    ).authenticate("alice@example.com", "secret")
-    session = Policy().new_session(alice.id, now, "curl", "127.0.0.1")
+    alice_id = users._user_id("alice@example.com")
+    session = Policy().new_session(alice_id, now, "curl", "127.0.0.1")
     store.start(session, now)
     result = cli("remove", "alice@example.com")
-    assert "ended 1 of its sessions" in result.output
-    assert store.get(session.id, alice.id, now) is None
+    assert result.exit_code == 0, result.output
+    assert "Running servers that read it end its sessions within a second." in result.output
+    assert "shared store" not in result.output
+
+
+# The password rules (NIST SP 800-63B-4 §3.1.1.2, ASVS 5.0 V6.2), for the CLI and POST /password.
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        ("fourteen chars", "it has 14 characters and needs at least 15"),
+        ("x" * 1025, "longer than 1024 characters"),
+        ("Alice@Example.COM", "it is the account's email"),
+        ("ＡＬＩＣＥ@ｅｘａｍｐｌｅ.ｃｏｍ", "it is the account's email"),  # fullwidth: NFKC
+        ("PolniyPizdec0211", "one of the most common passwords"),  # listed, 16 characters
+        ("passwordpasswordpassword", "one of the most common passwords"),  # one, repeated
+        ("QWERTYqwertyQWERTY", "one of the most common passwords"),
+    ],
+)
+def test_password_rules_refuse_saying_why(password, problem):
+    assert problem in users.password_problem(password, "alice@example.com")
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "correct horse battery",
+        "fifteen chars!!",  # exactly 15
+        "ça marche très bien",  # Unicode, spaces: any characters count
+        "🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑",  # fifteen code points, each one character
+        "alllowercaseletters",  # no composition rules
+    ],
+)
+def test_password_rules_accept_long_passwords_of_any_characters(password):
+    assert users.password_problem(password, "alice@example.com") is None
+
+
+def test_nfkc_counts_what_the_user_sees_as_one_character():
+    # "ﬁ" (one ligature code point) is "fi" after NFKC: 14 typed, 15 counted.
+    assert users.password_problem("ﬁ" + "x" * 13, "a@b.c") is None
+    assert "13 characters" in users.password_problem("e\u0301" * 13, "a@b.c")  # é composed
+
+
+def test_passwords_are_hashed_normalised_and_typed_either_way_log_in():
+    accounts = Users.load(None, required=False, log=LOG)
+    accounts.add("alice@example.com", "cafe\u0301 au lait, please")  # é as e + accent
+    assert accounts.authenticate("alice@example.com", "café au lait, please") is not None
+
+
+def test_an_old_hash_of_a_password_not_normalised_still_verifies_and_is_upgraded(tmp_path):
+    typed = "ﬁve ﬂights of stairs"  # ligatures: NFKC makes them "fi" and "fl"
+    old = f"alice@example.com:{users.PASSWORD_HASHER.hash(typed)}\n"  # hashed as typed
+    path = write(tmp_path, old)
+    alice = load(path).authenticate("alice@example.com", typed)
+    assert alice is not None
+    assert users.PASSWORD_HASHER.verify(alice.password_hash, users.normalised(typed))
+    assert path.read_text() == f"alice@example.com:{alice.password_hash}\n"  # upgraded
+    assert load(path).authenticate("alice@example.com", "five flights of stairs") is not None
+
+
+def test_the_common_list_names_its_source_and_has_thousands_of_entries():
+    lines = users.COMMON_PASSWORDS_FILE.read_text().splitlines()
+    assert "SecLists" in lines[0] + lines[1] and lines[0].startswith("#")
+    assert len([line for line in lines if not line.startswith("#")]) == 10_000
+
+
+def test_add_refuses_a_short_password_and_asks_again(cli, users_file):
+    result = cli("add", "alice@example.com", input="too short\n" + TYPED_TWICE)
+    assert result.exit_code == 0, result.output
+    assert "The password cannot be used: it has 9 characters and needs at least 15" in result.output
+    assert load(users_file).authenticate("alice@example.com", PASSWORD) is not None
+
+
+def test_add_refuses_the_email_as_password(cli, users_file):
+    email = "alice.long.name@example.com"
+    result = cli("add", email, input=f"{email}\n{email}\n")
+    assert "it is the account's email" in result.output
+    assert not users_file.exists()
+
+
+def test_passwd_replaces_the_hash_and_keeps_the_other_lines(cli, users_file):
+    for email in ("alice@example.com", "bob@example.com"):
+        assert cli("add", email, input=TYPED_TWICE).exit_code == 0
+    users_file.chmod(0o640)
+    bob_line = users_file.read_text().splitlines()[1]
+    new = "a brand new passphrase"
+    result = cli("passwd", "ALICE@example.com", input=f"{new}\n{new}\n")
+    assert result.exit_code == 0, result.output
+    assert f"Changed the password of ALICE@example.com in {users_file}." in result.output
+    assert "Running servers that read it end its sessions within a second." in result.output
+    assert new not in result.output
+    accounts = load(users_file)
+    assert accounts.authenticate("alice@example.com", PASSWORD) is None
+    assert accounts.authenticate("alice@example.com", new) is not None
+    assert users_file.read_text().splitlines()[1] == bob_line
+    assert stat.S_IMODE(users_file.stat().st_mode) == 0o640
+
+
+def test_passwd_refuses_an_email_without_account_before_asking(cli, users_file):
+    assert cli("add", "bob@example.com", input=TYPED_TWICE).exit_code == 0
+    result = cli("passwd", "alice@example.com", input=TYPED_TWICE)
+    assert result.exit_code == 1
+    assert f"{users_file} has no account for alice@example.com." in result.output
+    assert "Password" not in result.output
+
+
+def test_passwd_on_a_read_only_file_says_so(cli, users_file):
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    users_file.chmod(0o400)
+    result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
+    assert result.exit_code == 1
+    assert f"USERS_FILE {users_file} cannot be written: Permission denied." in result.output
+
+
+def test_passwd_and_remove_with_redis_end_the_sessions_in_it(cli, users_file, redis_client):
+    from redis_store import RedisStore
+
+    store = cli.app.extensions["store"] = RedisStore(redis_client, Policy())
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    now = int(time.time())
+    session = Policy().new_session(users._user_id("alice@example.com"), now, "curl", "127.0.0.1")
+    store.start(session, now)
+    result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
+    assert "Ended its 1 session in the shared store; its tokens stop working now." in result.output
+    assert store.get(session.id, session.user_id, now) is None
+
+
+def test_passwd_when_the_store_does_not_answer_changes_nothing(cli, users_file, own_redis):
+    from redis_store import RedisStore
+
+    cli.app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    before = users_file.read_text()
+    own_redis.stop()
+    result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
+    assert result.exit_code == 1
+    assert "The session store does not answer (ConnectionError); nothing changed." in result.output
+    assert users_file.read_text() == before
+    result = cli("remove", "alice@example.com")
+    assert result.exit_code == 1 and users_file.read_text() == before

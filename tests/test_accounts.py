@@ -1,0 +1,215 @@
+"""POST /password: a user changes their own password; the other sessions end, theirs goes on."""
+
+import logging
+
+import pytest
+import redis
+
+import users
+from redis_store import RedisStore
+from server import create_app
+from store import Policy
+
+from .conftest import TEST_CONFIG, audit_records, call, released_together
+from .test_users_live import LIVE, eventually
+
+PASSWORD = "correct horse battery"
+NEW = "a brand new passphrase"
+ALICE = {"email": "alice@example.com", "password": PASSWORD}
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    path = tmp_path / "users.txt"
+    path.write_text(f"alice@example.com:{users.hash_password(PASSWORD)}\n")
+    return path
+
+
+@pytest.fixture
+def client(users_file):
+    return create_app(TEST_CONFIG | {"USERS_FILE": str(users_file)}).test_client()
+
+
+def login(client, account=ALICE):
+    response = client.post("/login", json=account)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def change(client, tokens, current=PASSWORD, new=NEW):
+    return client.post(
+        "/password",
+        json={"currentPassword": current, "newPassword": new},
+        headers={"Authorization": f"Bearer {tokens['accessToken']}"},
+    )
+
+
+def me(client, tokens):
+    return client.get("/me", headers={"Authorization": f"Bearer {tokens['accessToken']}"})
+
+
+def test_change_ends_the_other_sessions_and_this_one_goes_on(client, users_file, capsys):
+    phone, laptop, mine = login(client), login(client), login(client)
+    response = change(client, mine)
+    assert response.status_code == 204 and response.data == b""
+    assert me(client, mine).status_code == 200
+    assert client.post("/token", json={"refreshToken": mine["refreshToken"]}).status_code == 200
+    for other in (phone, laptop):
+        assert me(client, other).status_code == 401
+        assert (
+            client.post("/token", json={"refreshToken": other["refreshToken"]}).status_code == 403
+        )
+    assert client.post("/login", json=ALICE).status_code == 401
+    assert client.post("/login", json=ALICE | {"password": NEW}).status_code == 200
+    # The file holds the new hash, and another process reading it lets the new password in.
+    fresh = users.Users.load(str(users_file), required=True, log=logging.getLogger("t"))
+    assert fresh.authenticate("alice@example.com", NEW) is not None
+    stderr = capsys.readouterr().err
+    [changed] = audit_records(stderr, "password_changed")
+    assert changed["ended"] == "2"
+    assert PASSWORD not in stderr and NEW not in stderr
+
+
+def test_a_wrong_current_password_is_401_and_counts_as_a_failed_login(users_file):
+    client = create_app(
+        TEST_CONFIG | {"USERS_FILE": str(users_file), "LOGIN_RATE_LIMIT": "3 per minute"}
+    ).test_client()
+    tokens = login(client)  # one attempt, cleared by its success
+    wrong = change(client, tokens, current="not the password at all")
+    assert wrong.status_code == 401
+    assert wrong.json == {
+        "error": "invalid_credentials",
+        "message": "The current password is incorrect.",
+    }
+    assert change(client, tokens, current="not the password either").status_code == 401
+    assert client.post("/login", json=ALICE | {"password": "wrong again!"}).status_code == 401
+    throttled = change(client, tokens)  # the fourth attempt: the login limit is full
+    assert throttled.status_code == 429
+    assert throttled.json["message"] == "Too many failed logins; retry in 1 minute."
+    assert client.post("/login", json=ALICE).status_code == 429
+    assert me(client, tokens).status_code == 200  # nothing ended
+
+
+@pytest.mark.parametrize(
+    ("new", "problem"),
+    [
+        ("too short", "it has 9 characters and needs at least 15"),
+        ("alice@example.com", "it is the account's email"),
+        ("passwordpassword", "one of the most common passwords"),
+    ],
+)
+def test_a_new_password_that_breaks_the_rules_is_400_saying_why(client, new, problem):
+    tokens = login(client)
+    response = change(client, tokens, new=new)
+    assert response.status_code == 400
+    assert response.json["error"] == "weak_password"
+    assert response.json["message"].startswith("The new password cannot be used: ")
+    assert problem in response.json["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"newPassword": NEW}, "The field 'currentPassword' must be a string."),
+        ({"currentPassword": PASSWORD}, "The field 'newPassword' must be a string."),
+        (
+            {"currentPassword": PASSWORD, "newPassword": 15},
+            "The field 'newPassword' must be a string.",
+        ),
+        (
+            {"currentPassword": PASSWORD, "newPassword": "x" * 1025},
+            "The field 'newPassword' is longer than 1024 characters.",
+        ),
+    ],
+)
+def test_bad_bodies_are_400(client, body, message):
+    tokens = login(client)
+    headers = {"Authorization": f"Bearer {tokens['accessToken']}"}
+    response = client.post("/password", json=body, headers=headers)
+    assert response.status_code == 400 and response.json["message"] == message
+
+
+def test_without_a_token_is_401(client):
+    response = client.post("/password", json={"currentPassword": PASSWORD, "newPassword": NEW})
+    assert response.status_code == 401 and response.json["error"] == "missing_token"
+
+
+def test_the_demo_account_is_403_not_a_500():
+    client = create_app(TEST_CONFIG).test_client()  # no USERS_FILE: the demo account only
+    tokens = login(client, {"email": "demo@example.com", "password": "demo-password"})
+    response = change(client, tokens, current="demo-password")
+    assert response.status_code == 403
+    assert response.json["error"] == "password_not_changeable"
+    assert "DEMO_USER_PASSWORD" in response.json["message"]
+
+
+def test_a_read_only_file_is_503_and_nothing_changes(client, users_file):
+    phone, mine = login(client), login(client)
+    users_file.chmod(0o400)
+    before = users_file.read_text()
+    response = change(client, mine)
+    assert response.status_code == 503
+    assert response.json == {
+        "error": "accounts_unavailable",
+        "message": "The accounts file cannot be written right now; the password is unchanged.",
+    }
+    assert users_file.read_text() == before
+    assert me(client, phone).status_code == 200  # no session ended for a change not made
+    assert client.post("/login", json=ALICE).status_code == 200
+
+
+def test_changes_released_together_leave_one_password_that_works(client, users_file):
+    sessions = [login(client) for _ in range(4)]
+    news = [f"{NEW} number {n}" for n in range(4)]
+    statuses = released_together(4, lambda n: change(client, sessions[n], new=news[n]).status_code)
+    # The first to be checked wins; the others' current password is then wrong.
+    assert statuses.count(204) >= 1 and set(statuses) <= {204, 401}
+    working = [
+        n
+        for n in range(4)
+        if client.post("/login", json=ALICE | {"password": news[n]}).status_code == 200
+    ]
+    assert len(working) == 1
+    assert len(users_file.read_text().splitlines()) == 1
+
+
+def refuse_scripts(redis_server):
+    """From now on the real Redis refuses Lua scripts, as every change to a session is one;
+    reads (a token's session lookup) still work: the store fails in the middle of a request."""
+    with redis.Redis(port=redis_server.port) as admin:
+        admin.execute_command("ACL", "SETUSER", "default", "-@scripting")
+
+
+def test_a_store_failing_mid_change_leaves_the_password_as_it_was(users_file, own_redis):
+    app = create_app(TEST_CONFIG | {"USERS_FILE": str(users_file)})
+    app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    client = app.test_client()
+    phone, mine = login(client), login(client)
+    before = users_file.read_text()
+    refuse_scripts(own_redis)
+    response = change(client, mine)
+    assert response.status_code == 503 and response.json["error"] == "store_unavailable"
+    assert users_file.read_text() == before  # the sessions could not end, so nothing changed
+    accounts = users.Users.load(str(users_file), required=True, log=logging.getLogger("t"))
+    assert accounts.authenticate("alice@example.com", PASSWORD) is not None
+    assert me(client, phone).status_code == 200
+
+
+def test_under_granian_workers_the_callers_session_outlives_every_workers_reread(
+    tmp_path, start_cluster
+):
+    path = tmp_path / "users.txt"
+    path.write_text(f"alice@example.com:{users.hash_password(PASSWORD)}\n")
+    # A cap above the logins this test makes: an evicted session would read as one ended.
+    url, _ = start_cluster(**LIVE, USERS_FILE=str(path), MAX_SESSIONS_PER_USER="1000")
+    other, mine = (call(url, "POST", "/login", ALICE)[2] for _ in range(2))
+    body = {"currentPassword": PASSWORD, "newPassword": NEW}
+    assert call(url, "POST", "/password", body, token=mine["accessToken"])[0] == 204
+    assert call(url, "GET", "/me", token=other["accessToken"])[0] == 401
+    new = ALICE | {"password": NEW}
+    # Until every worker has read the new file: the new password works on each of them...
+    assert eventually(lambda: all(call(url, "POST", "/login", new)[0] == 200 for _ in range(10)))
+    # ...and none of them, reading it, ended the session that made the change.
+    assert all(call(url, "GET", "/me", token=mine["accessToken"])[0] == 200 for _ in range(10))
+    refreshed = call(url, "POST", "/token", {"refreshToken": mine["refreshToken"]})
+    assert refreshed[0] == 200
