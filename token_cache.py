@@ -2,11 +2,12 @@
 
 What Envoy's ``jwt_authn`` filter (its ``jwt_cache_config``) and API gateways do: each process
 keeps a bounded cache keyed by the exact token string, holding the claims its signature check
-returned, and never past the token's own ``exp``. Only the signature and claims check is
-skipped: the token's length and header are checked first on every request, as before, and the
-session check (``auth.live_session``) still runs on every request, so a cached token opens
-nothing that logging out, reuse or a removed account has closed. A token that fails its check
-is never cached. Read auth.py first; this file is only a speed-up.
+returned, and never past the token's own ``exp``. The cache is consulted only after the
+token's length and shape are checked, and only its header, signature and claims checks are
+skipped: the session check (``auth.live_session``) still runs on every request, so a cached
+token opens nothing that logging out, reuse or a removed account has closed. A token that
+fails its check is never cached, and an entry counts only while the key that verified it is
+still one the ring holds. Read auth.py first; this file is only a speed-up.
 """
 
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 
 from flask import Flask
 
-from auth import Tokens
+from auth import ACCESS, MAX_TOKEN_LENGTH, Tokens
 from keys import Key, KeyRing
 
 # At most this many tokens per process. An entry is one of our own tokens (a few hundred bytes,
@@ -38,8 +39,8 @@ class VerifiedTokens:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, token: str, key: Key, now: float) -> dict[str, Any] | None:
-        """Return the claims of ``token`` if ``key`` verified it and it has not expired."""
+    def get(self, token: str, ring: KeyRing, now: float) -> dict[str, Any] | None:
+        """Return the claims of ``token`` if a key ``ring`` holds verified it, before its exp."""
         entry = self._entries.get(token)
         if entry is None:
             return None
@@ -48,8 +49,8 @@ class VerifiedTokens:
             with self._lock:
                 self._entries.pop(token, None)
             return None
-        # A key is the process's own object: one another ring holds never matches.
-        return claims if verified_by is key else None
+        # A key is the process's own object: a ring that no longer holds it never matches.
+        return claims if ring.find(verified_by.kid) is verified_by else None
 
     def put(self, token: str, key: Key, claims: dict[str, Any], now: float) -> None:
         """Remember the claims ``key`` verified, unless the token is already past its exp."""
@@ -71,15 +72,19 @@ class CachingTokens(Tokens):
 
     verified: VerifiedTokens = field(default_factory=VerifiedTokens)
 
+    def decode(self, token: str, kind: str) -> dict[str, Any]:
+        # A refresh token is spent at once: only access tokens are worth remembering.
+        if kind == ACCESS and len(token) <= MAX_TOKEN_LENGTH and token.count(".") == 2:
+            claims = self.verified.get(token, self.access_keys, time.time())
+            if claims is not None:
+                return dict(claims)  # the caller's own copy
+        return super().decode(token, kind)
+
     def verify(self, token: str, ring: KeyRing, key: Key) -> dict[str, Any]:
-        if ring is not self.access_keys:  # a refresh token is spent at once: nothing to gain
-            return super().verify(token, ring, key)
-        now = time.time()
-        claims = self.verified.get(token, key, now)
-        if claims is None:
-            claims = super().verify(token, ring, key)  # raises InvalidToken: never cached
-            self.verified.put(token, key, claims, now)
-        return dict(claims)  # the caller's own copy
+        claims = super().verify(token, ring, key)  # raises InvalidToken: never cached
+        if ring is self.access_keys:
+            self.verified.put(token, key, claims, time.time())
+        return dict(claims)
 
 
 def init_app(app: Flask) -> None:

@@ -102,10 +102,11 @@ def test_an_expired_token_is_never_cached_even_within_the_leeway(signature_check
 
 
 def test_an_entry_is_never_used_at_or_past_its_exp():
-    cache, key = VerifiedTokens(), hmac_ring(ACCESS_SECRET, []).current
+    ring = hmac_ring(ACCESS_SECRET, [])
+    cache, key = VerifiedTokens(), ring.current
     cache.put("token", key, {"exp": 1000}, now=990)
-    assert cache.get("token", key, now=999.9) == {"exp": 1000}
-    assert cache.get("token", key, now=1000) is None
+    assert cache.get("token", ring, now=999.9) == {"exp": 1000}
+    assert cache.get("token", ring, now=1000) is None
     assert len(cache) == 0  # and it is dropped
     cache.put("late", key, {"exp": 1000}, now=1000)
     assert len(cache) == 0
@@ -139,9 +140,11 @@ def test_another_key_under_the_same_kid_never_reads_the_cache(signature_checks):
     token = access_token(tokens)
     tokens.decode(token, ACCESS)
     impostor_ring = hmac_ring("an-impostor-secret-0123456789abcdefg", [])
-    key = tokens.access_keys.current
-    assert verified.get(token, impostor_ring.current, time.time()) is None
-    assert verified.get(token, key, time.time()) is not None
+    same_kid = hmac_ring(ACCESS_SECRET, [])  # the same secret, so the same kid: another key
+    assert same_kid.current.kid == tokens.access_keys.current.kid
+    assert verified.get(token, impostor_ring, time.time()) is None
+    assert verified.get(token, same_kid, time.time()) is None
+    assert verified.get(token, tokens.access_keys, time.time()) is not None
 
 
 def test_a_flood_of_distinct_valid_tokens_stays_within_the_bound():
@@ -161,9 +164,9 @@ def test_a_flood_of_distinct_valid_tokens_stays_within_the_bound():
     # Twice the bound again costs nothing but the dict's own resizing: under 5% of the cache.
     assert after - full < full / 20
     # The newest are kept, the oldest went first.
-    key = tokens.access_keys.current
-    assert tokens.verified.get(flood[-1], key, time.time()) is not None
-    assert tokens.verified.get(flood[0], key, time.time()) is None
+    ring = tokens.access_keys
+    assert tokens.verified.get(flood[-1], ring, time.time()) is not None
+    assert tokens.verified.get(flood[0], ring, time.time()) is None
 
 
 def test_threads_released_together_keep_the_bound():
@@ -195,3 +198,30 @@ def test_the_app_caches_and_still_checks_the_session_on_every_request(client, au
 def get_tokens_of(client):
     with client.application.app_context():
         return get_tokens()
+
+
+def test_a_cached_access_token_is_still_refused_where_a_refresh_token_is_due():
+    tokens = caching_tokens()
+    token = access_token(tokens)
+    tokens.decode(token, ACCESS)
+    with pytest.raises(InvalidToken, match="This is an access token; send a refresh token"):
+        tokens.decode(token, REFRESH)
+
+
+@pytest.mark.parametrize(
+    "reshape",
+    [
+        lambda token: token + "." + "A" * 9000,  # over the length bound
+        lambda token: token + ".",  # four segments
+        lambda token: token + " ",
+        lambda token: token.replace(".", "..", 1),
+    ],
+    ids=["too-long", "four-segments", "trailing-space", "empty-segment"],
+)
+def test_only_the_exact_token_of_the_right_length_and_shape_is_found(reshape):
+    tokens = caching_tokens()
+    token = access_token(tokens)
+    tokens.decode(token, ACCESS)
+    with pytest.raises(InvalidToken):
+        tokens.decode(reshape(token), ACCESS)
+    assert len(tokens.verified) == 1
