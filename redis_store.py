@@ -6,7 +6,7 @@ name. Each change runs as one Lua script, so it is atomic across processes.
 """
 
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -44,6 +44,8 @@ class Target:
     kind: str  # "redis" (one server), "cluster" or "sentinel"
     locations: tuple[str, ...]  # host:port of the server, the start-up nodes or the Sentinels
     service: str = ""  # the Sentinels' name for the master
+    # The URL's user name and password, percent-decoded (limits passes them on as written).
+    credentials: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __str__(self) -> str:
         where = ", ".join(self.locations)
@@ -53,10 +55,26 @@ class Target:
             return f"the master the Sentinels at {where} name {self.service!r}"
         return f"the Redis at {where}"
 
+    def login(self) -> dict[str, str]:
+        """The user name and password to connect with, those the URL holds."""
+        return {name: value for name, value in self.credentials.items() if value}
+
 
 def parse_url(url: str) -> Target:
     """Read a REDIS_URL as limits spells it; raise ValueError saying why, never its password."""
-    parsed = urllib.parse.urlsplit(url)
+    scheme, separator, rest = url.partition("://")
+    # The credentials are all before the last @; every message below is about the URL without
+    # them, so none can quote a piece of the password, however the URL is malformed.
+    userinfo, _, location = rest.rpartition("@")
+    if any(character in userinfo for character in "/?#"):
+        raise ValueError(
+            "its user name and password must be percent-encoded (RFC 3986 §3.2.1): "
+            "write / ? # @ : % as %2F %3F %23 %40 %3A %25"
+        )
+    bare = f"{scheme}{separator}{location}"
+    parsed = urllib.parse.urlsplit(bare)
+    username, _, password = (urllib.parse.unquote(part) for part in userinfo.partition(":"))
+    credentials = {"username": username, "password": password}
     if parsed.scheme not in SCHEMES:
         schemes = ", ".join(f"{scheme}://" for scheme in SCHEMES)
         raise ValueError(f"it must start with one of {schemes}")
@@ -66,28 +84,28 @@ def parse_url(url: str) -> Target:
             # redis-py would quietly take database 0
             raise ValueError("the path must be a database number, as in redis://host:6379/0")
         try:
-            options = redis.connection.parse_url(url.replace("redis+unix://", "unix://", 1))
+            options = redis.connection.parse_url(bare.replace("redis+unix://", "unix://", 1))
         except ValueError as error:
-            raise ValueError(hide(str(error), parsed.password)) from None
+            raise ValueError(hide(str(error), password)) from None
         host, port = options.get("host", "localhost"), options.get("port", 6379)
         where = options.get("path") or f"{host}:{port}"
         return Target("redis", (where,))
     locations = []
-    for location in parsed.netloc.rpartition("@")[2].split(","):
+    for place in parsed.netloc.split(","):
         try:
-            host_port = urllib.parse.urlsplit(f"//{location.strip()}")
+            host_port = urllib.parse.urlsplit(f"//{place.strip()}")
             host, port = host_port.hostname, host_port.port
         except ValueError:
             host = port = None
         if not host or port is None:
-            raise ValueError(f"{location.strip()!r} is not a host:port")
+            raise ValueError(f"{place.strip()!r} is not a host:port")
         locations.append(f"{host}:{port}")
     if parsed.scheme == "redis+cluster":
-        return Target("cluster", tuple(locations))
+        return Target("cluster", tuple(locations), credentials=credentials)
     service = parsed.path.strip("/")
     if not service or "/" in service:
         raise ValueError("redis+sentinel:// needs the service's name: host:port,.../NAME")
-    return Target("sentinel", tuple(locations), service)
+    return Target("sentinel", tuple(locations), service, credentials)
 
 
 def hide(text: str, password: str | None) -> str:
@@ -373,17 +391,19 @@ def connect(url: str, target: Target) -> tuple[redis.Redis | RedisCluster, Stora
     connections, made from the one URL, as limits reads it."""
     if target.kind == "cluster":
         # limits builds the RedisCluster from the URL; the sessions use that same client.
-        cluster = RedisClusterStorage(url, **CLUSTER_OPTIONS)
+        cluster = RedisClusterStorage(url, **CLUSTER_OPTIONS | target.login())
         return cluster.storage, cluster
     if target.kind == "sentinel":
         # The master as the Sentinels name it now, for both: a failover moves them together.
         # The counters read from the master too: a replica may lag behind a failed login.
         sentinel = RedisSentinelStorage(
-            url, use_replicas=False, sentinel_kwargs=REDIS_OPTIONS, **REDIS_OPTIONS
+            url, use_replicas=False, sentinel_kwargs=REDIS_OPTIONS, **REDIS_OPTIONS | target.login()
         )
         return cast(redis.Redis, sentinel.storage), sentinel  # master_for's client
     client = redis.Redis.from_url(url.replace("redis+unix://", "unix://", 1), **REDIS_OPTIONS)
-    return client, RedisStorage(url, connection_pool=client.connection_pool)
+    pool = client.connection_pool
+    pool.connection_class(**pool.connection_kwargs)  # its options, checked before any request
+    return client, RedisStorage(url, connection_pool=pool)
 
 
 def init_app(app: Flask) -> None:
@@ -400,10 +420,16 @@ def init_app(app: Flask) -> None:
         client, app.extensions["counters"] = connect(url, target)
     except RedisClusterException as error:  # a cluster client needs a node's map of slots
         raise ConfigError(
-            f"REDIS_URL: no start-up node of {target} answers ({type(error).__name__})."
+            f"REDIS_URL: no start-up node of {target} answers, or each refuses its password "
+            f"({type(error).__name__})."
         ) from None
     except ConfigurationError:  # limits' own reading of the URL; its message quotes it whole
         raise ConfigError(f"REDIS_URL: the login limits cannot read it as {target}.") from None
+    except (TypeError, redis.RedisError):  # an option in its query redis-py does not take
+        raise ConfigError(
+            "REDIS_URL: an option in its query is not one redis-py takes, or not a value it "
+            "takes (https://redis.readthedocs.io, redis.from_url)."
+        ) from None
     store = app.extensions["store"] = RedisStore(client, app.extensions["policy"])
     # redis-py's cluster errors that are no RedisError (a slot no node serves, a cluster that
     # cannot be reached) fail closed too.

@@ -93,6 +93,74 @@ def test_a_malformed_redis_url_stops_the_start_naming_it_and_not_its_password(ur
     assert PASSWORD not in message
 
 
+# A password with characters a URL gives a meaning to, as users write it: unencoded.
+RAW = "SEK/RIT#PASS?WORD:x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{RAW}@127.0.0.1:6379/0",
+        f"rediss://user:{RAW}@cache.example:6380",
+        f"redis+cluster://:{RAW}@127.0.0.1:7000,127.0.0.1:7001",
+        f"redis+sentinel://:{RAW}@127.0.0.1:26379/mymaster",
+        f"redis+cluster://:{RAW.replace('/', '#')}@127.0.0.1:1",
+        f"redis://:{RAW.replace('/', '?')}@127.0.0.1:1/0",
+    ],
+)
+def test_a_password_not_percent_encoded_is_refused_and_no_piece_of_it_shown(url):
+    with pytest.raises(ConfigError) as raised:
+        create_app(TEST_CONFIG | {"REDIS_URL": url})
+    message = raised.value.message
+    assert message.startswith("REDIS_URL is not a Redis URL: ")
+    assert "percent-encoded" in message
+    for piece in ("SEK", "RIT", "PASS", "WORD"):
+        assert piece not in message
+
+
+@pytest.mark.parametrize(
+    "query", ["?foo=bar", "?ssl=yes", "?socket_timeout=soon", "?ssl_cert_reqs=bogus"]
+)
+def test_an_option_redis_py_does_not_take_stops_the_start_naming_redis_url(query):
+    scheme = "rediss" if "ssl" in query else "redis"
+    with pytest.raises(ConfigError) as raised:
+        create_app(TEST_CONFIG | {"REDIS_URL": f"{scheme}://:{PASSWORD}@127.0.0.1:1/0{query}"})
+    message = raised.value.message
+    assert message.startswith("REDIS_URL")
+    assert PASSWORD not in message
+
+
+def test_the_user_and_password_of_the_url_are_percent_decoded():
+    target = parse_url("redis+cluster://al%40ce:p%40ss%3Aw%2Frd%23%3F%25x%2Cy@127.0.0.1:7000")
+    assert target.login() == {"username": "al@ce", "password": "p@ss:w/rd#?%x,y"}
+    assert "p@ss" not in str(target) and "p@ss" not in repr(target)
+    assert parse_url("redis+cluster://127.0.0.1:7000").login() == {}
+
+
+ACL_USER, ACL_PASSWORD = "alice", "p@ss:w/rd#?%x,y"
+ENCODED = "alice:p%40ss%3Aw%2Frd%23%3F%25x%2Cy"
+
+
+def test_a_cluster_url_with_a_percent_encoded_password_logs_in(redis_cluster):
+    admins = [redis_cluster.nodes[port].admin for port in redis_cluster.ports]
+    for admin in admins:
+        admin.execute_command(
+            "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~*", "&*", "+@all"
+        )
+    try:
+        nodes = ",".join(f"{host}:{port}" for host, port in redis_cluster.startup_nodes)
+        client = create_app(
+            WITH_DEMO | {"REDIS_URL": f"redis+cluster://{ENCODED}@{nodes}"}
+        ).test_client()
+        assert client.post("/login", json=DEMO).status_code == 200
+        wrong = f"redis+cluster://{ACL_USER}:not-the-password@{nodes}"
+        with pytest.raises(ConfigError, match="refuses its password"):
+            create_app(WITH_DEMO | {"REDIS_URL": wrong})
+    finally:
+        for admin in admins:
+            admin.execute_command("ACL", "DELUSER", ACL_USER)
+
+
 def test_python_server_py_refuses_an_unknown_scheme_without_showing_the_password(tmp_path):
     result = run_server(TEST_CONFIG | {"REDIS_URL": f"memcached://:{PASSWORD}@h:1"}, tmp_path)
     assert result.returncode != 0
