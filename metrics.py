@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, abort, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from flask.typing import ResponseReturnValue
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,7 +30,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from werkzeug.routing import Rule
+from werkzeug.routing import Map, Rule
 
 from auth import bearer_token, same_text
 from errors import APIError
@@ -39,6 +39,8 @@ from web import audited
 
 PREFIX = "jwt_refresh"  # Prometheus naming: one prefix for the service's metrics
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The classes of a final answer: Flask never sends a 1xx one.
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 UNMATCHED = "unmatched"  # the route label of every path that matches no route
 OTHER = "other"  # the label of a method, or of a reason, outside the known ones
 LOGIN_OUTCOMES = ("succeeded", "failed", "throttled", "busy")
@@ -65,6 +67,7 @@ class Metrics:
         self.directory = directory  # the workers' files, or None for one process
         self.registry = CollectorRegistry()
         self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self.declared = False  # every request series created (declare), at the first request
 
         def counter(name: str, summary: str, *labels: str) -> Counter:
             return Counter(name, summary, labels, namespace=PREFIX, registry=self.registry)
@@ -141,6 +144,24 @@ class Metrics:
     def started(self) -> None:
         """Note when the request began (before_request)."""
         g.metrics_started = time.perf_counter()
+        if not self.declared:  # the process's first request: every route is known by now
+            self.declare(current_app.url_map)
+
+    def declare(self, url_map: Map) -> None:
+        """Create, at 0, every series a request can count: each route with its methods, and
+        the unmatched with every method, by status class. Their number never changes after,
+        whatever arrives."""
+        for rule in url_map.iter_rules():
+            if rule.endpoint != SCRAPE:
+                self.declare_route(rule.rule, rule.methods or set())
+        self.declare_route(UNMATCHED, {*METHODS, OTHER})
+        self.declared = True
+
+    def declare_route(self, route: str, methods: set[str]) -> None:
+        self.series(self.latency, route)
+        for method in methods:
+            for status in STATUS_CLASSES:
+                self.series(self.requests, route, method, status)
 
     def finished(self, response: Response) -> Response:
         """Count the request by route template, method and status class (after_request)."""
@@ -184,7 +205,8 @@ def init_app(app: Flask) -> None:
     audited.connect(metrics.count_audited, sender=app)
     app.before_request(metrics.started)
     app.after_request(metrics.finished)
-    app.register_blueprint(bp)
+    if app.config["METRICS_TOKEN"] is not None or app.config["APP_ENV"] != "production":
+        app.register_blueprint(bp)  # else no such route, whatever the method
 
 
 def get_metrics() -> Metrics:
@@ -192,13 +214,10 @@ def get_metrics() -> Metrics:
     return current_app.extensions["metrics"]
 
 
-@bp.get("/metrics")
+@bp.get("/metrics", provide_automatic_options=False)
 def metrics() -> ResponseReturnValue:
     """Answer the counts in Prometheus's text format; in production, to the scraper alone."""
-    config = current_app.config
-    token = config["METRICS_TOKEN"]
-    if token is None and config["APP_ENV"] == "production":
-        abort(404)  # not enabled: answered as if there were no such route
+    token = current_app.config["METRICS_TOKEN"]
     # The form Prometheus's scrape_config `authorization` sends (RFC 6750 §2.1), compared in
     # constant time so that the answer's timing tells nothing of the token.
     if token is not None and not same_text(bearer_token() or "", token):

@@ -6,6 +6,7 @@ the start with a ``ConfigError`` that names the variable, and never prints a sec
 
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping
@@ -91,7 +92,7 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
         "HOST": env.get("HOST") or "127.0.0.1",
         "PORT": _integer(env, "PORT", 3000, minimum=1, maximum=65535),
         "REDIS_URL": env.get("REDIS_URL") or None,  # read by redis_store, which knows its kinds
-        "METRICS_TOKEN": _optional_secret(env, "METRICS_TOKEN"),
+        "METRICS_TOKEN": _bearer_token(env, "METRICS_TOKEN"),
         "PROMETHEUS_MULTIPROC_DIR": _directory(env, "PROMETHEUS_MULTIPROC_DIR"),
     }
     if not settings["DEMO_USER_PASSWORD"] and not (production or server or settings["USERS_FILE"]):
@@ -138,6 +139,18 @@ def _checked_secret(name: str, value: str) -> str:
 def _optional_secret(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name)
     return _checked_secret(name, value) if value else None
+
+
+def _bearer_token(env: Mapping[str, str], name: str) -> str | None:
+    token = _optional_secret(env, name)
+    # RFC 6750 §2.1's b64token: what an Authorization: Bearer header can carry, so that a token
+    # set here (with a space, say) can always be sent.
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9\-._~+/]+=*", token):
+        raise ConfigError(
+            f"{name} must be a bearer token (RFC 6750 §2.1): letters, digits and - . _ ~ + /, "
+            "then any '=', with no spaces."
+        )
+    return token
 
 
 def _list(env: Mapping[str, str], name: str) -> list[str]:

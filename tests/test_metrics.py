@@ -1,6 +1,7 @@
 """GET /metrics: what it counts, who may read it, and that its series stay fixed."""
 
 import base64
+import re
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import users
 from server import create_app
+from settings import ConfigError
 from web import audit
 
 from .conftest import DEMO, DEMO_ID, PRODUCTION, TEST_CONFIG, WITH_DEMO, released_together
@@ -196,10 +198,14 @@ def test_junk_paths_methods_and_headers_add_no_series(client, auth_actions):
         client.post("/token", json={"refreshToken": f"junk-{n}"}, headers=headers)
         client.post("/login", json={"email": f"u{n}@example.com", "password": "x"})
 
-    junk(1)
-    before = samples(client)
-    for n in range(2, 60):
+    before = samples(client)  # a fresh app's first scrape
+    for n in range(1, 60):
         junk(n)
+    # Every route with every method, junk ones too: an answer of every class.
+    for rule in client.application.url_map.iter_rules():
+        path = re.sub(r"<[^>]*>", "x", rule.rule)
+        for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "BREW", "G3T"]:
+            client.open(path, method=method, headers={"X-Junk": "j" * 60_000}).close()
     after = samples(client)
     assert after.keys() == before.keys()
     labels = {value for key in after for _, value in key[1]}
@@ -211,11 +217,29 @@ def test_development_answers_without_a_token(client):
     assert client.get("/metrics").status_code == 200
 
 
-def test_production_without_metrics_token_has_no_such_route():
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "BREW"])
+def test_production_without_metrics_token_has_no_such_route(method):
     client = create_app(WITH_DEMO | PRODUCTION).test_client()
-    response = client.get("/metrics")
-    assert response.status_code == 404
-    assert response.json == client.get("/no-such-route").json
+    response = client.open("/metrics", method=method)
+    nothing = client.open("/no-such-route", method=method)
+    assert response.status_code == nothing.status_code == 404
+    assert response.get_data() == nothing.get_data() and "Allow" not in response.headers
+
+
+def test_options_on_metrics_shows_nothing_and_no_allow_list():
+    client = create_app(WITH_DEMO | PRODUCTION | {"METRICS_TOKEN": METRICS_TOKEN}).test_client()
+    response = client.options("/metrics")
+    assert response.status_code == 405
+    assert b"jwt_refresh" not in response.data
+
+
+@pytest.mark.parametrize(
+    "token",
+    [f" {METRICS_TOKEN}", f"{METRICS_TOKEN} ", f"tökén-{METRICS_TOKEN}", f"a b{METRICS_TOKEN}"],
+)
+def test_a_metrics_token_no_bearer_header_can_carry_stops_the_start(token):
+    with pytest.raises(ConfigError, match="METRICS_TOKEN must be a bearer token"):
+        create_app(TEST_CONFIG | {"METRICS_TOKEN": token})
 
 
 @pytest.mark.parametrize(
