@@ -40,8 +40,10 @@ WAITING_FOR_THE_LOCK = (
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium for the file: each test opens contexts of its own (cookies, storage and
+    clock apart), so sharing the browser shares nothing a test can see."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI") == "true":
             pytest.fail("CI needs Debian's chromium at /usr/bin/chromium")
