@@ -14,11 +14,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, request
 from flask.typing import ResponseReturnValue
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,6 +42,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # The classes of a final answer: Flask never sends a 1xx one.
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 UNMATCHED = "unmatched"  # the route label of every path that matches no route
+STARTED = "metrics.started"  # the WSGI environ's key of when the request began
 OTHER = "other"  # the label of a method, or of a reason, outside the known ones
 LOGIN_OUTCOMES = ("succeeded", "failed", "throttled", "busy")
 REFRESH_OUTCOMES = (
@@ -68,6 +69,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.declared = False  # every request series created (declare), at the first request
+        self.url_map = Map()  # the app's routes (init_app)
 
         def counter(name: str, summary: str, *labels: str) -> Counter:
             return Counter(name, summary, labels, namespace=PREFIX, registry=self.registry)
@@ -141,11 +143,16 @@ class Metrics:
             case "introspection_client_refused":
                 self.clients_refused.inc()
 
-    def started(self) -> None:
-        """Note when the request began (before_request)."""
-        g.metrics_started = time.perf_counter()
-        if not self.declared:  # the process's first request: every route is known by now
-            self.declare(current_app.url_map)
+    def timed(self, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap the WSGI app to note when each request began, for the latency histogram."""
+
+        def timed_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            environ[STARTED] = time.perf_counter()
+            if not self.declared:  # the process's first request: every route is known by now
+                self.declare(self.url_map)
+            return wsgi_app(environ, start_response)
+
+        return timed_app
 
     def declare(self, url_map: Map) -> None:
         """Create, at 0, every series a request can count: each route with its methods, and
@@ -173,7 +180,7 @@ class Metrics:
         method = request.method if request.method in METHODS else OTHER
         status = f"{response.status_code // 100}xx"
         self.series(self.requests, route, method, status).inc()
-        if (started := g.pop("metrics_started", None)) is not None:
+        if (started := request.environ.get(STARTED)) is not None:
             self.series(self.latency, route).observe(time.perf_counter() - started)
         self.count_answer(rule, response)
         return response
@@ -203,7 +210,8 @@ def init_app(app: Flask) -> None:
     metrics = Metrics(multiprocess_directory(app.config))
     app.extensions["metrics"] = metrics
     audited.connect(metrics.count_audited, sender=app)
-    app.before_request(metrics.started)
+    metrics.url_map = app.url_map
+    app.wsgi_app = metrics.timed(app.wsgi_app)  # type: ignore[method-assign]
     app.after_request(metrics.finished)
     if app.config["METRICS_TOKEN"] is not None or app.config["APP_ENV"] != "production":
         app.register_blueprint(bp)  # else no such route, whatever the method
