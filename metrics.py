@@ -205,7 +205,10 @@ def known(label: str, labels: tuple[str, ...]) -> str:
 
 
 def init_app(app: Flask) -> None:
-    """Count the audit line and every request, and serve /metrics."""
+    """Count the audit line and every request, and serve /metrics; in production only where
+    METRICS_TOKEN is set: with no scraper to read them, counting would only cost time."""
+    if app.config["METRICS_TOKEN"] is None and app.config["APP_ENV"] == "production":
+        return  # no /metrics route, whatever the method, and nothing counted
     disable_created_metrics()  # a _created series beside each counter only doubles the scrape
     metrics = Metrics(multiprocess_directory(app.config))
     app.extensions["metrics"] = metrics
@@ -213,8 +216,7 @@ def init_app(app: Flask) -> None:
     metrics.url_map = app.url_map
     app.wsgi_app = metrics.timed(app.wsgi_app)  # type: ignore[method-assign]
     app.after_request(metrics.finished)
-    if app.config["METRICS_TOKEN"] is not None or app.config["APP_ENV"] != "production":
-        app.register_blueprint(bp)  # else no such route, whatever the method
+    app.register_blueprint(bp)
 
 
 def get_metrics() -> Metrics:

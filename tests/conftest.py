@@ -33,6 +33,12 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 DEMO_ID = "dGIQiYT2Kdss7Rrr"  # derived from the email, the same in every process
 # Under a production server the demo account exists only when its password is set.
 WITH_DEMO = SECRETS | {"DEMO_USER_PASSWORD": DEMO["password"]}
+# Production under granian, with room for the logins that wait for every worker to agree.
+LIVE = {
+    "APP_ENV": "production",
+    "DEMO_USER_PASSWORD": "",
+    "LOGIN_ADDRESS_RATE_LIMIT": "1000/minute",
+}
 PRODUCTION = {  # production settings, with no account yet
     "APP_ENV": "production",
     "ACCESS_TOKEN_SECRET": ACCESS_SECRET,
@@ -348,6 +354,24 @@ def run_server(env, cwd, timeout=15):
     )
 
 
+def eventually(check, seconds=5.0, every=0.1):
+    """Poll another process (a server, a scraper: clocks tests cannot move) until check() is
+    truthy or `seconds` have passed; return its last result."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(every)  # polling another process, never waiting for an expiry
+
+
+def not_installed(what, needs):
+    """Skip a test whose real server is not on this machine; in CI, which installs it, fail."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI needs {needs}")
+    pytest.skip(f"{what} is not installed: needs {needs}")
+
+
 def audit_records(stderr, event=None):
     """The audit lines among what was written to stderr (capsys), of one event or all."""
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"time"')]
@@ -420,9 +444,7 @@ TOPOLOGY_NEEDS = {
 def topology_binaries(flavour):
     binaries = Binaries.find(flavour)
     if binaries is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs {TOPOLOGY_NEEDS[flavour]}")
-        pytest.skip(f"{flavour} is not installed: needs {TOPOLOGY_NEEDS[flavour]}")
+        not_installed(flavour, TOPOLOGY_NEEDS[flavour])
     return binaries
 
 

@@ -10,8 +10,7 @@ from redis_store import RedisStore
 from server import create_app
 from store import Policy
 
-from .conftest import TEST_CONFIG, audit_records, call, released_together
-from .test_users_live import LIVE, eventually
+from .conftest import LIVE, TEST_CONFIG, audit_records, call, eventually, released_together
 
 PASSWORD = "correct horse battery"
 NEW = "a brand new passphrase"

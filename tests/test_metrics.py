@@ -226,6 +226,13 @@ def test_production_without_metrics_token_has_no_such_route(method):
     assert response.get_data() == nothing.get_data() and "Allow" not in response.headers
 
 
+def test_production_without_metrics_token_counts_nothing():
+    app = create_app(WITH_DEMO | PRODUCTION)
+    assert "metrics" not in app.extensions
+    assert app.wsgi_app.__name__ != "timed_app"
+    assert not [hook for hook in app.after_request_funcs[None] if "metrics" in repr(hook)]
+
+
 def test_options_on_metrics_shows_nothing_and_no_allow_list():
     client = create_app(WITH_DEMO | PRODUCTION | {"METRICS_TOKEN": METRICS_TOKEN}).test_client()
     response = client.options("/metrics")

@@ -17,7 +17,9 @@ from .conftest import (
     DEMO,
     ROOT,
     call,
+    eventually,
     free_port,
+    not_installed,
     refresh_body,
     released_together,
     run_to_end,
@@ -136,9 +138,7 @@ def needs(binary):
     """The path of a binary of Debian's prometheus package; skipped where it is missing."""
     path = shutil.which(binary)
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs {binary} (Debian's prometheus package)")
-        pytest.skip(f"{binary} is not installed (apt-get install prometheus)")
+        not_installed(binary, "Debian's prometheus package (apt-get install prometheus)")
     return path
 
 
@@ -189,16 +189,6 @@ def total(prometheus_url, expression):
     return sum(float(result["value"][1]) for result in results) if results else None
 
 
-def eventually(check, timeout=30.0):
-    """Poll until check() is truthy (Prometheus scrapes every second), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.25)  # polling for a scrape, not waiting for an expiry
-
-
 def test_a_real_prometheus_reads_the_counts_of_both_workers(start_cluster, prometheus):
     base, log_path = start_cluster(
         APP_ENV="production", METRICS_TOKEN=METRICS_TOKEN, REFRESH_REUSE_GRACE="0"
@@ -223,7 +213,7 @@ def test_a_real_prometheus_reads_the_counts_of_both_workers(start_cluster, prome
     def read():
         return {expression: total(prometheus_url, expression) for expression in expected}
 
-    assert eventually(lambda: read() == expected), read()
+    assert eventually(lambda: read() == expected, seconds=30, every=0.25), read()
     # The alert rules loaded, and Prometheus evaluates every one of them without an error.
     rules = alerts_yml_rules()
 
@@ -231,7 +221,9 @@ def test_a_real_prometheus_reads_the_counts_of_both_workers(start_cluster, prome
         groups = api(prometheus_url, "rules")["groups"]
         return {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
 
-    assert eventually(lambda: health() == dict.fromkeys(rules, "ok")), health()
+    assert eventually(lambda: health() == dict.fromkeys(rules, "ok"), seconds=30, every=0.25), (
+        health()
+    )
 
 
 def alerts_yml_rules():

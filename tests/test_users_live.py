@@ -7,7 +7,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import time_machine
@@ -16,17 +15,11 @@ import users
 from store import MemoryStore, Policy
 from users import Users
 
-from .conftest import TEST_CONFIG, call, released_together, user_env
+from .conftest import LIVE, TEST_CONFIG, call, eventually, released_together, user_env
 
 LOG = logging.getLogger("test_users_live")
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new passphrase"
-# Production under granian, with room for the logins that wait for every worker to agree.
-LIVE = {
-    "APP_ENV": "production",
-    "DEMO_USER_PASSWORD": "",
-    "LOGIN_ADDRESS_RATE_LIMIT": "1000/minute",
-}
 
 
 def line(email, password=PASSWORD):
@@ -224,16 +217,6 @@ def flask_users(env, cwd, *args, input=None):
         [sys.executable, "-m", "flask", "--app", "server", "users", *args],
         input=input, env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-
-
-def eventually(check, seconds=5.0):
-    """Poll a running server (other processes, whose clocks tests cannot move) until it agrees."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def test_the_commands_reach_every_granian_worker_without_a_restart(
