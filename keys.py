@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from jwt.algorithms import HMACAlgorithm
 
-from settings import ConfigError
+from settings import ConfigError, app_command
 
 # RFC 7515 §4.1.4: a kid is only a hint, so an HMAC secret's kid is a one-way hash of it, never
 # the secret; the label keeps this hash apart from any other use of the secret.
@@ -118,10 +118,11 @@ def eddsa_ring(
         private_key = _load_private_key(private_key_file)
     elif allow_generated:
         private_key = Ed25519PrivateKey.generate()
-        log.warning(
-            "%s not set: using a key pair made for this process, so access tokens die with it.",
-            PRIVATE_KEY_SETTING,
-        )
+        if not app_command():  # a `flask users` command issues no tokens: nothing dies
+            log.warning(
+                "%s not set: using a key pair made for this process, so access tokens die with it.",
+                PRIVATE_KEY_SETTING,
+            )
     else:
         raise ConfigError(
             f"{PRIVATE_KEY_SETTING} is not set; production needs an Ed25519 private key "

@@ -120,10 +120,11 @@ def token_required(view: Callable) -> Callable:
         try:
             g.user_id = user_of(token.strip())
         except InvalidToken as error:
+            reason = str(error)  # one sentence: no capital after the colon
             refuse(
                 401,
                 "invalid_token",
-                f"The access token is not valid: {error}",
+                f"The access token is not valid: {reason[:1].lower()}{reason[1:]}",
                 {"WWW-Authenticate": 'Bearer realm="posts", error="invalid_token"'},
             )
         except AuthServerDown as error:

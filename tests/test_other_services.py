@@ -826,7 +826,7 @@ def test_a_second_service_trusts_our_tokens(start_server, tmp_path):
         status, _, body = call(asking, "GET", "/posts", token=token)
         assert (status, body["message"]) == (
             401,
-            "The access token is not valid: The auth service says it is not a live access token.",
+            "The access token is not valid: the auth service says it is not a live access token.",
         )
         # Offline checking is fast but not current: the token stays good until it expires
         # (docs/keys.md states this trade-off)...

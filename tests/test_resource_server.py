@@ -49,7 +49,7 @@ def assert_refused(response, error, message):
     else:
         assert response.json == {
             "error": error,
-            "message": f"The access token is not valid: {message}",
+            "message": f"The access token is not valid: {message[:1].lower()}{message[1:]}",
         }
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="posts", error="invalid_token"'
 

@@ -260,15 +260,21 @@ def test_the_commands_reach_every_granian_worker_without_a_restart(
     assert eventually(lambda: all(call(url, "POST", "/login", new)[0] == 401 for _ in range(10)))
 
 
-def test_users_add_in_development_prints_no_warning_that_does_not_apply(tmp_path):
+@pytest.mark.parametrize("algorithm", ["HS256", "EdDSA"])
+def test_users_add_in_development_prints_no_warning_that_does_not_apply(tmp_path, algorithm):
     path = tmp_path / "users.txt"
-    env = user_env(USERS_FILE=str(path))  # development, random secrets, no file yet
+    # Development, random secrets (and with EdDSA, a key pair made for the process), no file yet.
+    env = user_env(USERS_FILE=str(path), ACCESS_TOKEN_ALGORITHM=algorithm)
     added = flask_users(env, tmp_path, "add", "alice@example.com", input=f"{PASSWORD}\n" * 2)
     assert added.returncode == 0, added.stderr
     assert "random secrets" not in added.stderr and "does not exist" not in added.stderr
+    assert "key pair made for this process" not in added.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     served = subprocess.run(
         [sys.executable, "-c", "import server; server.create_app()"],
-        env=user_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=user_env(ACCESS_TOKEN_ALGORITHM=algorithm), cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
     )  # fmt: skip
     assert "random secrets" in served.stderr  # a server still says so
+    if algorithm == "EdDSA":
+        assert "key pair made for this process" in served.stderr
