@@ -837,7 +837,7 @@ def test_a_second_service_trusts_our_tokens(start_server, tmp_path):
         status, _, body = call(offline, "GET", "/posts", token=late)
         assert (status, body["message"]) == (
             401,
-            "The access token is not valid: Signature has expired.",
+            "The access token is not valid: signature has expired.",
         )
 
 
