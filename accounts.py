@@ -9,9 +9,16 @@ from flask import Blueprint, Response, current_app, g
 
 from auth import token_required
 from errors import APIError
+from settings import ConfigError
 from store import get_store
 from throttle import Throttled, get_login_guard
-from users import MAX_PASSWORD_LENGTH, PasswordNotChangeable, get_users, password_problem
+from users import (
+    MAX_PASSWORD_LENGTH,
+    PasswordChangedMeanwhile,
+    PasswordNotChangeable,
+    get_users,
+    password_problem,
+)
 from web import audit, client_address, json_body, text_field
 
 bp = Blueprint("accounts", __name__)
@@ -38,7 +45,8 @@ def change_password() -> Response:
     except Throttled as error:
         audit("login_throttled", limit=error.limit)
         raise
-    if users.authenticate(user.email, current) is None:
+    checked = users.authenticate(user.email, current)  # with the hash it was checked on
+    if checked is None:
         audit("login_failed", user=user.id, via="password_change")
         raise APIError(401, "invalid_credentials", "The current password is incorrect.")
     guard.succeeded(user.email, address)
@@ -48,11 +56,15 @@ def change_password() -> Response:
         return get_store().end_all(user.id, keep=g.claims["sid"])
 
     try:
-        ended = users.change_password(user, new, before_writing=end_others)
+        ended = users.change_password(checked, current, new, before_writing=end_others)
     except PasswordNotChangeable:  # its line was removed meanwhile
         raise not_changeable() from None
-    except OSError as error:
-        current_app.logger.error("USERS_FILE cannot be written: %s", error.strerror)
+    except PasswordChangedMeanwhile:
+        message = "The password was changed meanwhile; nothing was changed by this request."
+        raise APIError(409, "password_changed_meanwhile", message) from None
+    except (OSError, ConfigError) as error:  # not writable, or not a file the servers can read
+        reason = error.message if isinstance(error, ConfigError) else error.strerror
+        current_app.logger.error("USERS_FILE cannot be changed: %s", reason)
         message = "The accounts file cannot be written right now; the password is unchanged."
         raise APIError(503, "accounts_unavailable", message, {"Retry-After": "60"}) from None
     audit("password_changed", user=user.id, session=g.claims["sid"][:8], ended=str(len(ended)))

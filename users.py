@@ -65,6 +65,8 @@ MAX_PASSWORD_LENGTH = 1024
 COMMON_PASSWORDS_FILE = Path(__file__).with_name("common-passwords.txt")
 # Seconds a login waits for a hashing slot before it is told to come back.
 SLOT_WAIT = 2
+# The largest USERS_FILE read: a hundred thousand accounts, with room to spare.
+MAX_USERS_FILE = 64 * 2**20
 # Seconds between two looks at USERS_FILE's modification time, in each process.
 RELOAD_INTERVAL = 1.0
 T = TypeVar("T")
@@ -96,19 +98,26 @@ def password_problem(password: str, email: str) -> str | None:
     if len(password) > MAX_PASSWORD_LENGTH or len(typed) > MAX_PASSWORD_LENGTH:
         return f"it is longer than {MAX_PASSWORD_LENGTH} characters"
     folded = typed.casefold()
-    if folded == normalised(email).casefold():
+    if _visible(folded) == _visible(normalised(email).casefold()):
         return "it is the account's email, the first thing anyone would try"
     if _common(folded):
         return "it is one of the most common passwords, which attackers try first"
     return None
 
 
+def _visible(text: str) -> str:
+    """Return the text without spaces and invisible format characters (zero-width ones)."""
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c) != "Cf")
+
+
 def _common(folded: str) -> bool:
     """Tell whether a casefolded password is a common one, or one repeated ("abc123abc123...")."""
     common = _common_passwords()
     for size in range(1, len(folded) // 2 + 1):
-        if len(folded) % size == 0 and folded == folded[:size] * (len(folded) // size):
-            return folded[:size] in common
+        times, unit = len(folded) // size, folded[:size]
+        if len(folded) % size == 0 and folded == unit * times:
+            # The shortest unit repeated: any run of it may be the listed one ("111111").
+            return any(unit * run in common for run in range(1, times + 1))
     return folded in common
 
 
@@ -160,6 +169,10 @@ class HashingSlots:
             self._slots.release()
 
 
+class PasswordChangedMeanwhile(Exception):
+    """The account's hash in USERS_FILE is not the one the current password was checked on."""
+
+
 class PasswordNotChangeable(Exception):
     """The account has no line in USERS_FILE to write a password on (the demo's, say)."""
 
@@ -177,7 +190,7 @@ class Users:
         path: str | None,
         log: logging.Logger,
         max_concurrent: int = 2,
-        ended: Callable[[str], object] | None = None,
+        ended: Callable[[str, bool], object] | None = None,
     ) -> None:
         self.hashing = HashingSlots(max_concurrent)  # MAX_CONCURRENT_LOGINS
         self.ended = ended
@@ -199,7 +212,7 @@ class Users:
         required: bool,
         log: logging.Logger,
         max_concurrent: int = 2,
-        ended: Callable[[str], object] | None = None,
+        ended: Callable[[str, bool], object] | None = None,
         quiet: bool = False,
     ) -> "Users":
         """Read the accounts of USERS_FILE; without it, fail if ``required``, else warn (unless
@@ -268,12 +281,12 @@ class Users:
         after = self._accounts = self._with_memory(found, stamp)
         self._log.info("USERS_FILE %s changed: %d accounts now.", path, len(after.in_file))
         for user in before.by_id.values():
-            if user.id in before.in_file and (
-                user.id not in after.in_file
-                or after.by_id[user.id].password_hash != user.password_hash
-            ):
-                if self.ended is not None:
-                    self.ended(user.id)  # removed, or its password changed by another process
+            if self.ended is None or user.id not in before.in_file:
+                continue
+            if user.id not in after.in_file:
+                self.ended(user.id, True)  # removed, by a command or by hand
+            elif after.by_id[user.id].password_hash != user.password_hash:
+                self.ended(user.id, False)  # its password changed by another process
 
     def _with_memory(
         self, found: dict[str, tuple[int, str, str]], stamp: tuple[int, ...] | None
@@ -318,9 +331,12 @@ class Users:
         """Tell whether the account has a line in USERS_FILE, where its password can change."""
         return user.id in self.fresh().in_file
 
-    def change_password(self, user: User, password: str, before_writing: Callable[[], T]) -> T:
+    def change_password(
+        self, user: User, current: str, password: str, before_writing: Callable[[], T]
+    ) -> T:
         """Write a new hash on the account's line, calling ``before_writing`` (which ends the
-        other sessions) just before; return what it returned.
+        other sessions) just before; return what it returned. ``user`` is the account as the
+        ``current`` password was checked on.
 
         PasswordNotChangeable if the account has no line; an OSError if the file cannot be
         written. Ending the sessions first fails closed: if it raises (the store is down),
@@ -330,8 +346,18 @@ class Users:
             raise PasswordNotChangeable("This account is not one of USERS_FILE's.")
         changed = replace(user, password_hash=self.hashing.run(lambda: hash_password(password)))
         with self._lock, editing(self._path) as lines:
-            if not _replace_hash(lines, user.email, changed.password_hash):
+            if not lines:
+                raise ConfigError(f"USERS_FILE {self._path} no longer exists.")
+            index = email_of_line(lines, user.email)
+            if index is None:
                 raise PasswordNotChangeable("This account is no longer in USERS_FILE.")
+            # Only over a hash of the current password: a change made meanwhile (by another
+            # request, worker or command) is never overwritten. Another worker may have
+            # upgraded the hash of the same password: that one verifies it too.
+            on_file = lines[index].strip().partition(":")[2]
+            if on_file != user.password_hash and _verified_form(on_file, current) is None:
+                raise PasswordChangedMeanwhile("The password was changed meanwhile.")
+            _replace_hash(lines, user.email, changed.password_hash)
             result = before_writing()
         with self._lock:
             self._replace(changed)  # this process knows at once; the others within a second
@@ -432,16 +458,30 @@ def _stamp_of(status: os.stat_result) -> tuple[int, ...]:
 
 
 def _read_file(path: str) -> tuple[tuple[int, ...] | None, list[str] | None]:
-    """Return the stamp and lines of the file as read (one open file: they agree), or Nones."""
+    """Return the stamp and lines of the file as read (one open file: they agree), or Nones.
+
+    Only a regular file of at most MAX_USERS_FILE bytes is read: a FIFO, a device or a folder
+    put in its place is refused at once, never waited on or read without end.
+    """
     try:
-        with open(path, encoding="utf-8", newline="") as file:
-            return _stamp_of(os.fstat(file.fileno())), file.readlines()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open never waits
     except FileNotFoundError:
         return None, None
     except OSError as error:
         raise ConfigError(f"USERS_FILE {path} cannot be read: {error.strerror}.") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise ConfigError(f"USERS_FILE {path} is not a regular file.")
+    with open(descriptor, "rb") as file:
+        data = file.read(MAX_USERS_FILE + 1)
+    if len(data) > MAX_USERS_FILE:
+        raise ConfigError(f"USERS_FILE {path} is over {MAX_USERS_FILE // 2**20} MiB.")
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is no line
     except UnicodeDecodeError:
         raise ConfigError(f"USERS_FILE {path} is not UTF-8 text.") from None
+    return _stamp_of(status), text.splitlines(keepends=True)
 
 
 def _file_lines(path: str) -> list[str] | None:
@@ -487,6 +527,14 @@ def _email_problem(email: str) -> str | None:
     return None
 
 
+def email_of_line(lines: list[str], email: str) -> int | None:
+    """Return the index of the line of ``email``, or None."""
+    for index, line in enumerate(lines):
+        if line.strip().partition(":")[0].lower() == email.lower():
+            return index
+    return None
+
+
 def _replace_hash(lines: list[str], email: str, new_hash: str, old_hash: str = "") -> bool:
     """Put a new hash on the line of ``email`` (only if it holds ``old_hash``, when given)."""
     for index, line in enumerate(lines):
@@ -512,6 +560,9 @@ def editing(path: str) -> Iterator[list[str]]:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         _check_writable(path)  # before the caller acts on a change that could not be written
         before = _file_lines(path)
+        # A file the servers cannot read is fixed by hand first: a change written into it
+        # would reach no server (ConfigError names the line).
+        _accounts(path, before or [])
         lines = list(before or [])
         yield lines
         if lines != (before or []):
@@ -718,16 +769,20 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(users_cli)
 
 
-def _ending_sessions(app: Flask) -> Callable[[str], object] | None:
-    """Return what ends an account's sessions when a re-read of USERS_FILE finds it changed."""
+def _ending_sessions(app: Flask) -> Callable[[str, bool], object]:
+    """Return what ends an account's sessions when a re-read of USERS_FILE finds it removed,
+    or (in this process's memory) its password changed."""
     store = app.extensions["store"]
-    if store.kind != "memory":
-        # A shared store was told by whatever changed the file (the command, POST /password),
-        # and ending them here again would end the session that changed the password.
-        return None
 
-    def end(user_id: str) -> None:
-        ended = store.end_all(user_id)
+    def end(user_id: str, removed: bool) -> None:
+        if store.kind != "memory" and not removed:
+            # A shared store was told by whatever changed the password (the command, POST
+            # /password); ending them here again would end the session that changed it.
+            return
+        try:
+            ended = store.end_all(user_id)
+        except redis.RedisError:  # each worker tries; the account check refuses them anyway
+            return
         app.logger.info(
             "Account %s was removed or its password changed: its %d sessions here ended.",
             user_id,

@@ -157,19 +157,53 @@ def test_a_read_only_file_is_503_and_nothing_changes(client, users_file):
     assert client.post("/login", json=ALICE).status_code == 200
 
 
-def test_changes_released_together_leave_one_password_that_works(client, users_file):
-    sessions = [login(client) for _ in range(4)]
-    news = [f"{NEW} number {n}" for n in range(4)]
-    statuses = released_together(4, lambda n: change(client, sessions[n], new=news[n]).status_code)
-    # The first to be checked wins; the others' current password is then wrong.
-    assert statuses.count(204) >= 1 and set(statuses) <= {204, 401}
+@pytest.mark.parametrize("count", [4, 10])
+def test_changes_released_together_leave_one_password_and_its_session(client, users_file, count):
+    sessions = [login(client) for _ in range(count)]
+    news = [f"{NEW} number {n}" for n in range(count)]
+    answers = released_together(count, lambda n: change(client, sessions[n], new=news[n]))
+    statuses = [answer.status_code for answer in answers]
+    # One wins; each other finds the password changed meanwhile (409) or already wrong (401).
+    assert statuses.count(204) == 1 and set(statuses) <= {204, 401, 409}, statuses
+    assert all(
+        a.json["error"] == "password_changed_meanwhile" for a in answers if a.status_code == 409
+    )
+    winner = statuses.index(204)
     working = [
         n
-        for n in range(4)
+        for n in range(count)
         if client.post("/login", json=ALICE | {"password": news[n]}).status_code == 200
     ]
-    assert len(working) == 1
+    assert working == [winner]
+    assert me(client, sessions[winner]).status_code == 200  # the caller's session goes on
+    assert [me(client, s).status_code for s in sessions].count(200) == 1
     assert len(users_file.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda path: path.write_text(path.read_text() + "junk\n"),  # a line no server can read
+        lambda path: path.write_bytes(path.read_bytes() + b"\xff\xfe\n"),  # not UTF-8
+        lambda path: (path.unlink(), path.mkdir()),  # a folder in its place
+        lambda path: path.unlink(),  # gone
+    ],
+    ids=["malformed", "not-utf-8", "folder", "deleted"],
+)
+def test_a_file_no_server_can_read_is_503_and_nothing_changes(client, users_file, spoil):
+    phone, mine = login(client), login(client)
+    spoil(users_file)
+    response = change(client, mine)
+    assert (response.status_code, response.json["error"]) == (503, "accounts_unavailable")
+    assert str(users_file) not in response.json["message"]  # the path is for the log
+    assert me(client, phone).status_code == 200  # no session ended for a change not made
+
+
+def test_a_file_with_a_byte_order_mark_changes_as_any_other(client, users_file):
+    users_file.write_bytes(b"\xef\xbb\xbf" + users_file.read_bytes())
+    mine = login(client)
+    assert change(client, mine).status_code == 204
+    assert client.post("/login", json=ALICE | {"password": NEW}).status_code == 200
 
 
 def refuse_scripts(redis_server):

@@ -412,6 +412,13 @@ def test_remove_with_the_memory_store_does_not_pretend_to_reach_a_server(cli, us
         ("PolniyPizdec0211", "one of the most common passwords"),  # listed, 16 characters
         ("passwordpasswordpassword", "one of the most common passwords"),  # one, repeated
         ("QWERTYqwertyQWERTY", "one of the most common passwords"),
+        ("1" * 18, "one of the most common passwords"),  # "111111" three times
+        ("a" * 18, "one of the most common passwords"),
+        ("12" * 9, "one of the most common passwords"),  # "121212" three times
+        ("abc" * 6, "one of the most common passwords"),  # "abcabc" three times
+        ("  alice@example.com  ", "it is the account's email"),  # spaces around it
+        ("alice@example.com\u200b", "it is the account's email"),  # a zero-width space
+        ("alice @example.com\u00a0", "it is the account's email"),
     ],
 )
 def test_password_rules_refuse_saying_why(password, problem):

@@ -7,11 +7,13 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import time_machine
 
 import users
+from server import create_app
 from store import MemoryStore, Policy
 from users import Users
 
@@ -96,7 +98,12 @@ def test_threads_released_together_while_the_file_changes_see_old_or_new(users_f
 def test_a_broken_file_keeps_the_last_good_accounts_and_logs_once(users_file, caplog, text, named):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(str(users_file), required=True, log=LOG, ended=ended.append)
+        accounts = Users.load(
+            str(users_file),
+            required=True,
+            log=LOG,
+            ended=lambda user_id, removed: ended.append(user_id),
+        )
         temporary = users_file.with_name(".new")
         temporary.write_bytes(text if isinstance(text, bytes) else text.encode())
         os.replace(temporary, users_file)
@@ -127,7 +134,12 @@ def test_a_deleted_file_keeps_the_accounts_and_says_so_once(users_file, caplog):
 def test_a_password_changed_elsewhere_ends_the_sessions_held_here(users_file):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(str(users_file), required=True, log=LOG, ended=ended.append)
+        accounts = Users.load(
+            str(users_file),
+            required=True,
+            log=LOG,
+            ended=lambda user_id, removed: ended.append(user_id),
+        )
         replace_file(users_file, line("alice@example.com", NEW_PASSWORD))
         clock.shift(1)
         assert accounts.authenticate("alice@example.com", PASSWORD) is None
@@ -138,9 +150,14 @@ def test_a_password_changed_elsewhere_ends_the_sessions_held_here(users_file):
 def test_changes_made_here_end_nothing_on_the_next_read(users_file):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(str(users_file), required=True, log=LOG, ended=ended.append)
+        accounts = Users.load(
+            str(users_file),
+            required=True,
+            log=LOG,
+            ended=lambda user_id, removed: ended.append(user_id),
+        )
         alice = accounts.authenticate("alice@example.com", PASSWORD)
-        assert accounts.change_password(alice, NEW_PASSWORD, lambda: "ended") == "ended"
+        assert accounts.change_password(alice, PASSWORD, NEW_PASSWORD, lambda: "ended") == "ended"
         clock.shift(1)
         assert accounts.authenticate("alice@example.com", NEW_PASSWORD) is not None
         assert ended == []
@@ -278,3 +295,68 @@ def test_users_add_in_development_prints_no_warning_that_does_not_apply(tmp_path
     assert "random secrets" in served.stderr  # a server still says so
     if algorithm == "EdDSA":
         assert "key pair made for this process" in served.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "oversized"])
+def test_what_is_no_regular_file_is_refused_at_once_and_later_changes_still_arrive(
+    users_file, caplog, kind
+):
+    with time_machine.travel(1_800_000_000, tick=False) as clock:
+        accounts = Users.load(str(users_file), required=True, log=LOG)
+        users_file.unlink()
+        if kind == "fifo":
+            os.mkfifo(users_file, 0o600)  # an open that waited would hang every later look
+        elif kind == "device":
+            users_file.symlink_to("/dev/zero")  # endless
+        elif kind == "folder":
+            users_file.mkdir()
+        else:
+            with open(users_file, "wb") as file:
+                file.truncate(users.MAX_USERS_FILE + 1)  # sparse: no disk spent
+        clock.shift(1)
+        looked = threading.Thread(
+            target=lambda: accounts.authenticate("alice@example.com", PASSWORD), daemon=True
+        )
+        looked.start()
+        looked.join(timeout=10)
+        assert not looked.is_alive(), "a look at USERS_FILE hung"
+        assert accounts.authenticate("alice@example.com", PASSWORD) is not None  # kept
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and str(users_file) in errors[0], errors
+        # The file comes back, with a new account: it arrives, as any change does.
+        users_file.rmdir() if users_file.is_dir() else users_file.unlink()
+        replace_file(users_file, line("alice@example.com") + line("dave@example.com"))
+        clock.shift(1)
+        assert accounts.authenticate("dave@example.com", PASSWORD) is not None
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_email(users_file):
+    with time_machine.travel(1_800_000_000, tick=False) as clock:
+        accounts = Users.load(str(users_file), required=True, log=LOG)
+        replace_file(users_file, "\ufeff" + line("alice@example.com") + line("dave@example.com"))
+        clock.shift(1)
+        assert accounts.authenticate("alice@example.com", PASSWORD) is not None
+        assert accounts.authenticate("dave@example.com", PASSWORD) is not None
+
+
+def test_an_account_removed_by_hand_ends_its_sessions_in_a_shared_store(
+    tmp_path, redis_url, redis_client
+):
+    path = tmp_path / "users.txt"
+    path.write_text(line("alice@example.com"))
+    config = TEST_CONFIG | {"USERS_FILE": str(path), "REDIS_URL": redis_url}
+    with time_machine.travel(1_800_000_000, tick=False) as clock:
+        client = create_app(config).test_client()
+        alice = {"email": "alice@example.com", "password": PASSWORD}
+        tokens = client.post("/login", json=alice).json
+        me = {"Authorization": f"Bearer {tokens['accessToken']}"}
+        assert client.get("/me", headers=me).status_code == 200
+        replace_file(path, "")  # removed by hand, not by the command
+        clock.shift(1)
+        assert client.get("/me", headers=me).status_code == 401
+        replace_file(path, line("alice@example.com"))  # back, or a new person of that email
+        clock.shift(1)
+        assert client.get("/me", headers=me).status_code == 401
+        assert (
+            client.post("/token", json={"refreshToken": tokens["refreshToken"]}).status_code == 403
+        )
