@@ -24,6 +24,13 @@ PASSWORD = "correct horse battery"
 NEW_PASSWORD = "a brand new passphrase"
 
 
+def watched(users_file, ended):
+    """The accounts of users_file, noting in `ended` each account whose sessions they end."""
+    return Users.load(
+        str(users_file), required=True, log=LOG, ended=lambda user_id, _: ended.append(user_id)
+    )
+
+
 def line(email, password=PASSWORD):
     return f"{email}:{users.hash_password(password)}\n"
 
@@ -98,12 +105,7 @@ def test_threads_released_together_while_the_file_changes_see_old_or_new(users_f
 def test_a_broken_file_keeps_the_last_good_accounts_and_logs_once(users_file, caplog, text, named):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(
-            str(users_file),
-            required=True,
-            log=LOG,
-            ended=lambda user_id, removed: ended.append(user_id),
-        )
+        accounts = watched(users_file, ended)
         temporary = users_file.with_name(".new")
         temporary.write_bytes(text if isinstance(text, bytes) else text.encode())
         os.replace(temporary, users_file)
@@ -134,12 +136,7 @@ def test_a_deleted_file_keeps_the_accounts_and_says_so_once(users_file, caplog):
 def test_a_password_changed_elsewhere_ends_the_sessions_held_here(users_file):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(
-            str(users_file),
-            required=True,
-            log=LOG,
-            ended=lambda user_id, removed: ended.append(user_id),
-        )
+        accounts = watched(users_file, ended)
         replace_file(users_file, line("alice@example.com", NEW_PASSWORD))
         clock.shift(1)
         assert accounts.authenticate("alice@example.com", PASSWORD) is None
@@ -150,12 +147,7 @@ def test_a_password_changed_elsewhere_ends_the_sessions_held_here(users_file):
 def test_changes_made_here_end_nothing_on_the_next_read(users_file):
     ended = []
     with time_machine.travel(1_800_000_000, tick=False) as clock:
-        accounts = Users.load(
-            str(users_file),
-            required=True,
-            log=LOG,
-            ended=lambda user_id, removed: ended.append(user_id),
-        )
+        accounts = watched(users_file, ended)
         alice = accounts.authenticate("alice@example.com", PASSWORD)
         assert accounts.change_password(alice, PASSWORD, NEW_PASSWORD, lambda: "ended") == "ended"
         clock.shift(1)
