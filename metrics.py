@@ -69,7 +69,6 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.declared = False  # every request series created (declare), at the first request
-        self.url_map = Map()  # the app's routes (init_app)
 
         def counter(name: str, summary: str, *labels: str) -> Counter:
             return Counter(name, summary, labels, namespace=PREFIX, registry=self.registry)
@@ -89,7 +88,6 @@ class Metrics:
             ["route"], namespace=PREFIX, registry=self.registry,
         )  # fmt: skip
         # Every outcome and reason starts at 0, so that rate() and alerts see the first one.
-        # Each series is looked up once and kept: labels() costs more than inc() itself.
         for metric, labels in [
             (self.logins, LOGIN_OUTCOMES),
             (self.refreshes, REFRESH_OUTCOMES),
@@ -143,13 +141,13 @@ class Metrics:
             case "introspection_client_refused":
                 self.clients_refused.inc()
 
-    def timed(self, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(self, wsgi_app: Callable[..., Any], url_map: Map) -> Callable[..., Any]:
         """Wrap the WSGI app to note when each request began, for the latency histogram."""
 
         def timed_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             environ[STARTED] = time.perf_counter()
             if not self.declared:  # the process's first request: every route is known by now
-                self.declare(self.url_map)
+                self.declare(url_map)
             return wsgi_app(environ, start_response)
 
         return timed_app
@@ -177,7 +175,9 @@ class Metrics:
             return response  # a scrape is not a request of the API
         # The template (/sessions/<sid>), never the path; a method outside METHODS is "other".
         route = rule.rule if rule is not None else UNMATCHED
-        method = request.method if request.method in METHODS else OTHER
+        method = request.method
+        if method not in METHODS:
+            method = OTHER
         status = f"{response.status_code // 100}xx"
         self.series(self.requests, route, method, status).inc()
         if (started := request.environ.get(STARTED)) is not None:
@@ -213,8 +213,7 @@ def init_app(app: Flask) -> None:
     metrics = Metrics(multiprocess_directory(app.config))
     app.extensions["metrics"] = metrics
     audited.connect(metrics.count_audited, sender=app)
-    metrics.url_map = app.url_map
-    app.wsgi_app = metrics.timed(app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = metrics.timed(app.wsgi_app, app.url_map)  # type: ignore[method-assign]
     app.after_request(metrics.finished)
     app.register_blueprint(bp)
 

@@ -348,16 +348,16 @@ class Users:
         with self._lock, editing(self._path) as lines:
             if not lines:
                 raise ConfigError(f"USERS_FILE {self._path} no longer exists.")
-            index = email_of_line(lines, user.email)
+            index = _line_of(lines, user.email)
             if index is None:
                 raise PasswordNotChangeable("This account is no longer in USERS_FILE.")
             # Only over a hash of the current password: a change made meanwhile (by another
             # request, worker or command) is never overwritten. Another worker may have
             # upgraded the hash of the same password: that one verifies it too.
-            on_file = lines[index].strip().partition(":")[2]
+            on_file = _hash_on(lines[index])
             if on_file != user.password_hash and _verified_form(on_file, current) is None:
                 raise PasswordChangedMeanwhile("The password was changed meanwhile.")
-            _replace_hash(lines, user.email, changed.password_hash)
+            lines[index] = _with_hash(lines[index], changed.password_hash)
             result = before_writing()
         with self._lock:
             self._replace(changed)  # this process knows at once; the others within a second
@@ -527,7 +527,7 @@ def _email_problem(email: str) -> str | None:
     return None
 
 
-def email_of_line(lines: list[str], email: str) -> int | None:
+def _line_of(lines: list[str], email: str) -> int | None:
     """Return the index of the line of ``email``, or None."""
     for index, line in enumerate(lines):
         if line.strip().partition(":")[0].lower() == email.lower():
@@ -535,15 +535,24 @@ def email_of_line(lines: list[str], email: str) -> int | None:
     return None
 
 
+def _hash_on(line: str) -> str:
+    """Return the password hash a line of USERS_FILE holds."""
+    return line.strip().partition(":")[2]
+
+
+def _with_hash(line: str, new_hash: str) -> str:
+    """Return the line with ``new_hash`` in place of its hash, and the same line ending."""
+    ending = line[len(line.rstrip("\r\n")) :]
+    return f"{line.strip().partition(':')[0]}:{new_hash}{ending}"
+
+
 def _replace_hash(lines: list[str], email: str, new_hash: str, old_hash: str = "") -> bool:
     """Put a new hash on the line of ``email`` (only if it holds ``old_hash``, when given)."""
-    for index, line in enumerate(lines):
-        line_email, _, password_hash = line.strip().partition(":")
-        if line_email.lower() == email.lower() and old_hash in ("", password_hash):
-            ending = line[len(line.rstrip("\r\n")) :]
-            lines[index] = f"{line_email}:{new_hash}{ending}"
-            return True
-    return False
+    index = _line_of(lines, email)
+    if index is None or old_hash not in ("", _hash_on(lines[index])):
+        return False
+    lines[index] = _with_hash(lines[index], new_hash)
+    return True
 
 
 @contextlib.contextmanager
