@@ -181,16 +181,18 @@ def test_a_cluster_that_does_not_answer_at_start_stops_it_naming_its_nodes(tmp_p
     assert PASSWORD not in message
 
 
-def error_lines(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+def started(url, caplog):
+    """Build the app on REDIS_URL=url; return its test client and the errors it logged."""
+    with caplog.at_level(logging.ERROR):
+        client = create_app(TEST_CONFIG | {"REDIS_URL": url}).test_client()
+    return client, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_redis_that_does_not_answer_at_start_is_said_once_and_tried_again(tmp_path, caplog):
     port = free_port()
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    with caplog.at_level(logging.ERROR):
-        client = create_app(TEST_CONFIG | {"REDIS_URL": url}).test_client()
-    assert error_lines(caplog) == [
+    client, errors = started(url, caplog)
+    assert errors == [
         f"REDIS_URL: the Redis at 127.0.0.1:{port} does not answer (ConnectionError); "
         "requests that need the store answer 503 until it does."
     ]
@@ -212,9 +214,8 @@ def test_sentinels_that_do_not_answer_at_start_are_said_once(caplog):
     ports = [free_port(), free_port()]
     where = ", ".join(f"127.0.0.1:{port}" for port in ports)
     url = f"redis+sentinel://:{PASSWORD}@{where.replace(' ', '')}/mymaster"
-    with caplog.at_level(logging.ERROR):
-        client = create_app(TEST_CONFIG | {"REDIS_URL": url}).test_client()
-    assert error_lines(caplog) == [
+    client, errors = started(url, caplog)
+    assert errors == [
         f"REDIS_URL: the master the Sentinels at {where} name 'mymaster' does not answer "
         "(MasterNotFoundError); requests that need the store answer 503 until it does."
     ]
