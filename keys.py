@@ -45,15 +45,20 @@ PUBLIC_KEYS_SETTING = "ACCESS_TOKEN_PREVIOUS_PUBLIC_KEY_FILES"
 class CheckedOnceHMAC(HMACAlgorithm):
     """PyJWT's HS256, its checks of a key run once per key instead of on every token.
 
-    PyJWT checks an HMAC key each time it signs or verifies (that it is not empty, and not a
-    public key or certificate posing as a secret: the algorithm-confusion attack of RFC 8725
-    §2.1). Our keys come from the settings and never change while the process runs, so the
-    answer for each is remembered; a key that fails the check raises every time, as before.
+    PyJWT checks an HMAC key each time it signs or verifies: that it is not empty, not a
+    public key or certificate posing as a secret (the algorithm-confusion attack of RFC 8725
+    §2.1), and long enough (RFC 7518 §3.2). Our keys come from the settings and never change
+    while the process runs, so the answers for each are remembered; a key that fails raises
+    every time, as before, and a short one is warned of every time.
     """
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - registered once, it lives as long as we do
     def prepare_key(self, key: str | bytes) -> bytes:
         return super().prepare_key(key)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - as prepare_key
+    def check_key_length(self, key: bytes) -> str | None:
+        return super().check_key_length(key)
 
 
 jwt.unregister_algorithm("HS256")

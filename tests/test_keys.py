@@ -241,12 +241,18 @@ def test_hs256_checks_each_key_once_and_still_refuses_a_public_key_posing_as_a_s
     assert isinstance(algorithm, CheckedOnceHMAC)
     secret = "a-secret-used-for-this-test-only-0123456789"
     claims = {"sub": "7"}
-    before = CheckedOnceHMAC.prepare_key.cache_info()
+    checks = (CheckedOnceHMAC.prepare_key, CheckedOnceHMAC.check_key_length)
+    before = [check.cache_info() for check in checks]
     for _ in range(5):
         token = jwt.encode(claims, secret, "HS256")
         assert jwt.decode(token, secret, algorithms=["HS256"]) == claims
-    after = CheckedOnceHMAC.prepare_key.cache_info()
-    assert after.misses - before.misses == 1 and after.hits - before.hits == 9
+    for check, earlier in zip(checks, before, strict=True):
+        after = check.cache_info()
+        assert after.misses - earlier.misses == 1 and after.hits - earlier.hits == 9
+    # A secret shorter than SHA-256's 32 bytes is still warned of (RFC 7518 §3.2), every time.
+    for _ in range(2):
+        with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):
+            jwt.encode(claims, "short", "HS256")
     # RFC 8725 §2.1: a public key used as an HMAC secret is refused on every call, never cached.
     public_pem = (
         Ed25519PrivateKey.generate()
