@@ -1,6 +1,6 @@
 """Metrics: what an operator watches, at ``GET /metrics`` in Prometheus's text format.
 
-Skip this file on a first read. The counts come from the audit line (``web.audited``) and
+Skip this file on a first read. The counts come from the audit line (``web.on_audit``) and
 from request hooks, never from a branch in the routes. No label holds anything a client
 chose (an id, an address, a path, a header), so the number of series is fixed whatever
 arrives. Under granian or gunicorn every worker writes its counts to files in one directory
@@ -35,7 +35,7 @@ from werkzeug.routing import Map, Rule
 from auth import bearer_token, same_text
 from errors import APIError
 from settings import ConfigError
-from web import audited
+from web import on_audit
 
 PREFIX = "jwt_refresh"  # Prometheus naming: one prefix for the service's metrics
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -115,8 +115,8 @@ class Metrics:
         multiprocess.MultiProcessCollector(registry, path=self.directory)
         return generate_latest(registry)
 
-    def count_audited(self, app: Flask, event: str, fields: Mapping[str, str]) -> None:
-        """Count one audit line (web.audited): the login, refresh and session events."""
+    def count_audited(self, event: str, fields: Mapping[str, str]) -> None:
+        """Count one audit line (web.on_audit): the login, refresh and session events."""
         reason = fields.get("reason", "")
         match event:
             case "login_succeeded" | "login_failed" | "login_throttled":
@@ -212,7 +212,7 @@ def init_app(app: Flask) -> None:
     disable_created_metrics()  # a _created series beside each counter only doubles the scrape
     metrics = Metrics(multiprocess_directory(app.config))
     app.extensions["metrics"] = metrics
-    audited.connect(metrics.count_audited, sender=app)
+    on_audit(app, metrics.count_audited)
     app.wsgi_app = metrics.timed(app.wsgi_app, app.url_map)  # type: ignore[method-assign]
     app.after_request(metrics.finished)
     app.register_blueprint(bp)
