@@ -16,7 +16,9 @@ from auth import ACCESS
 from server import create_app
 from store import Policy
 
-CHAINS = 64  # refresh-token chains wrk rotates through; more than its connections
+# Refresh-token chains for wrk to rotate through: bench/run.py's warm-up's and its measured
+# run's, each more than its connections.
+CHAINS = 128
 
 
 def rss_bytes() -> int:

@@ -37,13 +37,20 @@ def write(results: dict, folder: Path, stem: str, plot_too: bool) -> None:
         plot(results, folder / "throughput.png")
 
 
+def warmup(results: dict) -> str:
+    """How long each route was driven before it was measured, if at all (older runs: no)."""
+    seconds = results.get("warmup", 0)
+    return f", each after {seconds} s of warm-up" if seconds else ""
+
+
 def markdown(results: dict) -> str:
     """The report: the targets first, then every row, then logins and memory."""
     machine, rows = results["machine"], targets(results)
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
         f"server on core 0, wrk on core 1, {results['connections']} connections, "
-        f"{results['duration']} s a route; load average {machine.get('load', 0):.1f} at the start.",
+        f"{results['duration']} s a route{warmup(results)}; "
+        f"load average {machine.get('load', 0):.1f} at the start.",
         "",
         "| target | measured | needed | |",
         "|---|---|---|---|",

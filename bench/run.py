@@ -48,6 +48,10 @@ from bench import report  # noqa: E402
 
 PEERS = BENCH / "peers"
 RESULTS = BENCH / "results"
+# Each route of each server is driven this long before it is measured, not counted: a fresh
+# process's first requests are slower, and no row should pay for being the first of a run.
+WARMUP_SECONDS = 2
+CHAINS = 64  # refresh-token chains per wrk run; more than its connections (bench/app.py)
 BIN = shlex.quote(str(Path(sys.executable).parent))  # granian and gunicorn, from this venv
 
 THREADS = 2  # granian's blocking threads, for ours and for the Python peers alike
@@ -128,6 +132,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sessions", default="0,10000,100000,1000000")
     parser.add_argument("--servers", default="granian", help=", ".join(SERVERS))
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument(
+        "--warmup", type=int, default=WARMUP_SECONDS, help="seconds of each route not measured"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--peers", action="store_true", help="also run bench/peers/")
     parser.add_argument("--peer", action="append", default=[], help="NAME=URL, running")
@@ -151,7 +158,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--update", action="store_true", help="write to bench/results/")
     args = parser.parse_args()
     if args.smoke:
-        args.sessions, args.duration = "1000", 2
+        args.sessions, args.duration, args.warmup = "1000", 2, 1
     args.sessions = [int(n) for n in args.sessions.split(",")]
     args.servers = args.servers.split(",")
     args.peer = [tuple(peer.split("=", 1)) for peer in args.peer]
@@ -173,6 +180,7 @@ class Results:
             "machine": machine(),
             "connections": args.connections,
             "duration": args.duration,
+            "warmup": args.warmup,
             "ours": our_name(args.servers[0]),
             "ours_redis": our_name(args.servers[0], "Redis"),
             "ours_cluster": our_name(args.servers[0], "Redis Cluster"),
@@ -430,24 +438,28 @@ def measure_peer_cmd(name: str, command: str, sessions: int, args: argparse.Name
 
 
 def measure_peer(name: str, url: str, sessions: int | None, args: argparse.Namespace) -> dict:
-    """Log in 64 times for refresh tokens to rotate through, then drive /token and /me."""
-    logins = [post_json(url + "/login", DEMO) for _ in range(64)]
+    """Log in for refresh tokens to rotate through (the warm-up's and the measured run's),
+    then drive /token and /me."""
+    logins = [post_json(url + "/login", DEMO) for _ in range(2 * CHAINS)]
     tokens = {"refresh": [t["refreshToken"] for t in logins], "access": logins[0]["accessToken"]}
     return drive(name, url, tokens, args) | {"sessions": sessions, "server": "peer"}
 
 
 def drive(name: str, url: str, tokens: dict, args: argparse.Namespace) -> dict:
-    """Run wrk against /token and /me; return req/s and latency for each."""
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
-        listing.write("\n".join(tokens["refresh"]) + "\n")
-        listing.flush()
-        env = {"BENCH_TOKENS_LIST": listing.name, "BENCH_ACCESS": tokens["access"]}
-        load = {"connections": args.connections, "duration": args.duration}
-        return {
-            "name": name,
-            "token": wrk(url, "token.lua", env, **load),
-            "me": wrk(url, "me.lua", env, **load),
-        }
+    """Run wrk against /token and /me, each after a warm-up; return req/s and latency."""
+    # The warm-up rotates chains of its own: a token it spent would be reuse in the run.
+    measured, warmup = tokens["refresh"][:CHAINS], tokens["refresh"][CHAINS:]
+    stats = {}
+    for route, script in (("token", "token.lua"), ("me", "me.lua")):
+        for chains, duration in ((warmup, args.warmup), (measured, args.duration)):
+            with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:
+                listing.write("\n".join(chains) + "\n")
+                listing.flush()
+                env = {"BENCH_TOKENS_LIST": listing.name, "BENCH_ACCESS": tokens["access"]}
+                if duration:
+                    load = {"connections": args.connections, "duration": duration}
+                    stats[route] = wrk(url, script, env, **load)
+    return {"name": name, **stats}
 
 
 def wrk(url: str, script: str, env: dict, *, connections: int, duration: int) -> dict:
