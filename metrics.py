@@ -9,6 +9,7 @@ them all up. docs/metrics.md lists every metric and how to scrape it.
 """
 
 import atexit
+import functools
 import multiprocessing.util
 import os
 import shutil
@@ -59,6 +60,11 @@ SCRAPE = "metrics.metrics"  # the endpoint of /metrics, whose requests are not c
 RUN_FOLDER = "jwt-refresh-metrics-"
 
 bp = Blueprint("metrics", __name__)
+# prometheus_client asks for the process's id on every increment, to notice a fork, and each
+# os.getpid() is a system call: four of them a /token. The id is kept, and forgotten in a
+# forked child, which asks again.
+process_id = functools.cache(os.getpid)
+os.register_at_fork(after_in_child=process_id.cache_clear)
 
 
 class Metrics:
@@ -251,10 +257,10 @@ def multiprocess_directory(config: Mapping[str, Any]) -> str | None:
     # when first imported, so both are set before the first metric of this process.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()
+        values.ValueClass = values.MultiProcessValue(process_id)
     # Its docs: mark_process_dead when a worker exits. atexit covers a worker that exits
     # through sys.exit (gunicorn); Finalize one forked by multiprocessing (granian).
-    pid = os.getpid()
+    pid = process_id()
     atexit.register(multiprocess.mark_process_dead, pid, directory)
     multiprocessing.util.Finalize(None, multiprocess.mark_process_dead, (pid, directory), {}, 0)
     return directory

@@ -1,6 +1,7 @@
 """GET /metrics: what it counts, who may read it, and that its series stay fixed."""
 
 import base64
+import os
 import re
 import time
 
@@ -9,6 +10,7 @@ import time_machine
 from argon2 import PasswordHasher
 from prometheus_client.parser import text_string_to_metric_families
 
+import metrics
 import users
 from server import create_app
 from settings import ConfigError
@@ -276,3 +278,18 @@ def test_a_multiproc_dir_that_does_not_exist_stops_the_start(tmp_path):
 
 def bearer(token):
     return {"Authorization": f"Bearer {token}"}
+
+
+def test_the_process_id_the_counts_are_filed_under_is_a_forked_childs_own():
+    # prometheus_client files each process's counts under process_id() (multiprocess mode).
+    assert metrics.process_id() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report what it is filed under, and leave at once
+        os.write(write, str(metrics.process_id()).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    assert int(os.read(read, 64)) == child
+    os.close(read)
+    assert metrics.process_id() == os.getpid()
