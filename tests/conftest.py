@@ -2,6 +2,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -162,9 +163,29 @@ def serve(command, env, cwd, port):
         process = start(command, env, cwd, log)
         try:
             wait_for_port(port, process)
+            wait_for_workers(command, log_path, process)
             yield f"http://127.0.0.1:{port}", log_path
         finally:
             stop_group(process)
+
+
+def wait_for_workers(command, log_path, process, timeout=15.0):
+    """Under granian, wait until every worker has started (start-up, not token expiry).
+
+    granian's main process listens before its workers run: a worker still starting when the
+    test ends misses the SIGTERM and holds the stop for its whole grace.
+    """
+    if "--workers" not in command or not any("granian" in part for part in command[:3]):
+        return
+    count = int(command[command.index("--workers") + 1])
+    wanted = [re.compile(rf"Started worker-{n}\b(?!-)", re.M) for n in range(1, count + 1)]
+    deadline = time.monotonic() + timeout
+    while not all(line.search(log_path.read_text(errors="replace")) for line in wanted):
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"granian's {count} workers did not all start")
+        time.sleep(0.02)
 
 
 def start(command, env, cwd, out=subprocess.DEVNULL):
@@ -217,6 +238,9 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
 def user_env(**settings):
     """The environment of a fresh shell, with only the given settings and the code on the path."""
     env = {key: os.environ[key] for key in INHERITED if key in os.environ}
+    # This venv's python3 first, as in a shell that activated it: a `python3` the scripts
+    # run is then the interpreter itself, not a version manager's shim around it.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env | {"PYTHONPATH": str(ROOT)} | settings
 
 

@@ -55,6 +55,16 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def close_contexts(request):
+    """Close what a test opened in the shared browser: its tabs would run on (their timers,
+    their retries against a server already stopped) for the rest of the file."""
+    yield
+    if "browser" in request.fixturenames:
+        for context in request.getfixturevalue("browser").contexts:
+            context.close()
+
+
 @pytest.fixture
 def server(start_server):
     """`python server.py` with 30-second access tokens, so a refresh comes due quickly."""
