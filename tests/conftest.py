@@ -286,6 +286,54 @@ def start_cluster(redis_url, redis_client, tmp_path):
         yield start
 
 
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """start_server for the tests of a module that need no server of their own: one
+    `python server.py` for each set of settings, started at its first use and kept for the
+    module. Its sessions, login counts and log hold the module's earlier tests too."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+
+        def start(**settings):
+            key = tuple(sorted(settings.items()))
+            if key not in started:
+                port = free_port()
+                command = [sys.executable, str(ROOT / "server.py")]
+                env = user_env(PORT=str(port), **settings)
+                folder = tmp_path_factory.mktemp("server")
+                started[key], _ = stack.enter_context(serve(command, env, folder, port))
+            return started[key]
+
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_cluster(redis_url, tmp_path_factory):
+    """Return start(**settings): two granian workers sharing the test Redis, started at the
+    first call with those settings and kept for the module (see shared_cluster)."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+
+        def start(**settings):
+            key = tuple(sorted(settings.items()))
+            if key not in started:
+                port = free_port()
+                env = user_env(**(WITH_DEMO | {"REDIS_URL": redis_url} | settings))
+                folder = tmp_path_factory.mktemp("cluster")
+                started[key] = stack.enter_context(serve(granian(port), env, folder, port))
+            return started[key]
+
+        yield start
+
+
+@pytest.fixture
+def shared_cluster(module_cluster, redis_client):
+    """start_cluster for tests that need no server of their own: the module's, on a Redis
+    emptied before and after each test (sessions and login counts start from nothing).
+    Its log holds the module's earlier tests too."""
+    return module_cluster
+
+
 class RedisServer:
     """A redis-server of a test's own, to stop and start again."""
 
