@@ -2,6 +2,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -162,9 +163,29 @@ def serve(command, env, cwd, port):
         process = start(command, env, cwd, log)
         try:
             wait_for_port(port, process)
+            wait_for_workers(command, log_path, process)
             yield f"http://127.0.0.1:{port}", log_path
         finally:
             stop_group(process)
+
+
+def wait_for_workers(command, log_path, process, timeout=15.0):
+    """Under granian, wait until every worker has started (start-up, not token expiry).
+
+    granian's main process listens before its workers run: a worker still starting when the
+    test ends misses the SIGTERM and holds the stop for its whole grace.
+    """
+    if "--workers" not in command or not any("granian" in part for part in command[:3]):
+        return
+    count = int(command[command.index("--workers") + 1])
+    wanted = [re.compile(rf"Started worker-{n}\b(?!-)", re.M) for n in range(1, count + 1)]
+    deadline = time.monotonic() + timeout
+    while not all(line.search(log_path.read_text(errors="replace")) for line in wanted):
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"granian's {count} workers did not all start")
+        time.sleep(0.02)
 
 
 def start(command, env, cwd, out=subprocess.DEVNULL):
@@ -217,6 +238,9 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
 def user_env(**settings):
     """The environment of a fresh shell, with only the given settings and the code on the path."""
     env = {key: os.environ[key] for key in INHERITED if key in os.environ}
+    # This venv's python3 first, as in a shell that activated it: a `python3` the scripts
+    # run is then the interpreter itself, not a version manager's shim around it.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env | {"PYTHONPATH": str(ROOT)} | settings
 
 
@@ -260,6 +284,54 @@ def start_cluster(redis_url, redis_client, tmp_path):
             return stack.enter_context(serve(granian(port), env, tmp_path, port))
 
         yield start
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """start_server for the tests of a module that need no server of their own: one
+    `python server.py` for each set of settings, started at its first use and kept for the
+    module. Its sessions, login counts and log hold the module's earlier tests too."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+
+        def start(**settings):
+            key = tuple(sorted(settings.items()))
+            if key not in started:
+                port = free_port()
+                command = [sys.executable, str(ROOT / "server.py")]
+                env = user_env(PORT=str(port), **settings)
+                folder = tmp_path_factory.mktemp("server")
+                started[key], _ = stack.enter_context(serve(command, env, folder, port))
+            return started[key]
+
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_cluster(redis_url, tmp_path_factory):
+    """Return start(**settings): two granian workers sharing the test Redis, started at the
+    first call with those settings and kept for the module (see shared_cluster)."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+
+        def start(**settings):
+            key = tuple(sorted(settings.items()))
+            if key not in started:
+                port = free_port()
+                env = user_env(**(WITH_DEMO | {"REDIS_URL": redis_url} | settings))
+                folder = tmp_path_factory.mktemp("cluster")
+                started[key] = stack.enter_context(serve(granian(port), env, folder, port))
+            return started[key]
+
+        yield start
+
+
+@pytest.fixture
+def shared_cluster(module_cluster, redis_client):
+    """start_cluster for tests that need no server of their own: the module's, on a Redis
+    emptied before and after each test (sessions and login counts start from nothing).
+    Its log holds the module's earlier tests too."""
+    return module_cluster
 
 
 class RedisServer:

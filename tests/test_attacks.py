@@ -469,14 +469,16 @@ def chunked(body, size=8192):
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
-@pytest.fixture(params=["python server.py", "granian"])
-def any_server(request, start_server, tmp_path):
-    if request.param == "python server.py":
-        yield start_server()
-        return
+@pytest.fixture(scope="module", params=["python server.py", "granian"])
+def any_server(request, tmp_path_factory):
+    """Each kind of server, one for the tests of this file that only send it requests."""
     port = free_port()
-    env = user_env(**TEST_CONFIG, DEMO_USER_PASSWORD=DEMO["password"])
-    with serve(granian(port, workers=1), env, tmp_path, port) as (url, _):
+    if request.param == "python server.py":
+        command, env = [sys.executable, str(ROOT / "server.py")], user_env(PORT=str(port))
+    else:
+        command = granian(port, workers=1)
+        env = user_env(**TEST_CONFIG, DEMO_USER_PASSWORD=DEMO["password"])
+    with serve(command, env, tmp_path_factory.mktemp("any-server"), port) as (url, _):
         yield url
 
 

@@ -9,12 +9,12 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
-from .conftest import DEMO, ROOT
+from .conftest import DEMO, ROOT, call, free_port, refresh_body, serve, user_env
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -55,10 +55,44 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def close_contexts(request):
+    """Close what a test opened in the shared browser: its tabs would run on (their timers,
+    their retries against a server already stopped) for the rest of the file."""
+    yield
+    if "browser" in request.fixturenames:
+        for context in request.getfixturevalue("browser").contexts:
+            context.close()
+
+
+class Server(str):
+    """A server's URL, with its log and where in the log this test began."""
+
+    log: Path
+    since: int
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """`python server.py` with 30-second access tokens, so a refresh comes due quickly: one
+    for the file, for the tests that need no restart and no settings of their own."""
+    port = free_port()
+    env = user_env(PORT=str(port), ACCESS_TOKEN_TTL="30")
+    command = [sys.executable, str(ROOT / "server.py")]
+    with serve(command, env, tmp_path_factory.mktemp("browser"), port) as (url, log_path):
+        yield url, log_path
+
+
 @pytest.fixture
-def server(start_server):
-    """`python server.py` with 30-second access tokens, so a refresh comes due quickly."""
-    return start_server(ACCESS_TOKEN_TTL="30")
+def server(shared_server):
+    """The shared server, as if fresh: every session of the demo account ended (a global
+    logout, as a user can), and its log read from this point on."""
+    url, log_path = shared_server
+    tokens = call(url, "POST", "/login", DEMO)[2]
+    assert call(url, "POST", "/logout", refresh_body(tokens) | {"scope": "global"})[0] == 204
+    server = Server(url)
+    server.log, server.since = log_path, log_path.stat().st_size
+    return server
 
 
 def new_context(browser, **options):
@@ -97,10 +131,11 @@ def session_cookies(context):
     return [c for c in context.cookies() if c["name"] in ("refresh_token", "csrf_token")]
 
 
-def audit_events(url, tmp_path, event):
-    """Count an event in the audit log of the server at ``url`` (conftest's serve writes it)."""
-    [log] = tmp_path.glob(f"**/server-{urlsplit(url).port}.log")
-    lines = [line for line in log.read_text().splitlines() if '"audit"' in line]
+def audit_events(server, event):
+    """Count an event in the audit log of the server since this test began."""
+    with open(server.log, "rb") as log:
+        log.seek(server.since)
+        lines = [line for line in log.read().decode().splitlines() if '"audit"' in line]
     return sum(json.loads(line[line.index("{") :])["audit"] == event for line in lines)
 
 
@@ -171,7 +206,7 @@ def test_the_page_has_its_own_icon_and_nothing_is_missing(browser, server):
     assert failed == []
 
 
-def test_a_reload_keeps_the_session(browser, server, tmp_path):
+def test_a_reload_keeps_the_session(browser, server):
     page = open_tab(new_context(browser), server)
     logins = []
     page.on("request", lambda r: logins.append(r.url) if r.url.endswith("/login") else None)
@@ -183,10 +218,10 @@ def test_a_reload_keeps_the_session(browser, server, tmp_path):
     assert claims_of(page)["sid"] == sid
     expect(page.locator("#sessions tr")).to_have_count(1)
     assert len(logins) == 1
-    assert audit_events(server, tmp_path, "login_succeeded") == 1
+    assert audit_events(server, "login_succeeded") == 1
 
 
-def test_two_tabs_refreshing_at_once_make_one_refresh(browser, server, tmp_path):
+def test_two_tabs_refreshing_at_once_make_one_refresh(browser, server):
     context = new_context(browser)
     tabs = [open_tab(context, server)]
     log_in(tabs[0])
@@ -216,7 +251,7 @@ def test_two_tabs_refreshing_at_once_make_one_refresh(browser, server, tmp_path)
     for tab in tabs:
         press(tab, "Call GET /me")
         expect(tab.locator("#me")).to_contain_text("HTTP 200")
-    assert audit_events(server, tmp_path, "session_ended") == 0
+    assert audit_events(server, "session_ended") == 0
 
 
 def test_logging_out_in_one_tab_logs_out_the_other(browser, server):

@@ -927,18 +927,20 @@ def test_client_credentials_are_form_urlencoded_as_rfc_6749_says():
     assert actions.answer(actions.tokens()["accessToken"], headers=headers)["active"] is True
 
 
-@pytest.fixture(params=["python server.py", "granian"])
-def introspecting_server(request, start_server, tmp_path):
-    if request.param == "python server.py":
-        yield start_server(**CLIENTS)
-        return
+@pytest.fixture(scope="module", params=["python server.py", "granian"])
+def introspecting_server(request, tmp_path_factory):
+    """Each kind of server, one for both framings of the test below."""
     port = free_port()
-    env = user_env(**TEST_CONFIG, **CLIENTS, DEMO_USER_PASSWORD=DEMO["password"])
-    command = [
-        sys.executable, "-m", "granian", "--interface", "wsgi", "--factory", "--workers", "1",
-        "--host", "127.0.0.1", "--port", str(port), "server:create_app",
-    ]  # fmt: skip
-    with serve(command, env, tmp_path, port) as (url, _):
+    if request.param == "python server.py":
+        command = [sys.executable, str(ROOT / "server.py")]
+        env = user_env(PORT=str(port), **CLIENTS)
+    else:
+        env = user_env(**TEST_CONFIG, **CLIENTS, DEMO_USER_PASSWORD=DEMO["password"])
+        command = [
+            sys.executable, "-m", "granian", "--interface", "wsgi", "--factory",
+            "--workers", "1", "--host", "127.0.0.1", "--port", str(port), "server:create_app",
+        ]  # fmt: skip
+    with serve(command, env, tmp_path_factory.mktemp("introspecting"), port) as (url, _):
         yield url
 
 

@@ -46,8 +46,8 @@ def test_refreshes_land_on_both_workers_and_all_succeed(cluster):
     assert len(audit_pids(log_path, "refreshed")) == 2  # both workers served refreshes
 
 
-def test_reuse_is_detected_across_workers(start_cluster):
-    url, _ = start_cluster(REFRESH_REUSE_GRACE="0")
+def test_reuse_is_detected_across_workers(shared_cluster):
+    url, _ = shared_cluster(REFRESH_REUSE_GRACE="0")
     first = call(url, "POST", "/login", DEMO)[2]
     chain = [first]
     for _ in range(6):
@@ -57,9 +57,9 @@ def test_reuse_is_detected_across_workers(start_cluster):
 
 
 def test_sixteen_simultaneous_refreshes_across_workers_without_grace_have_one_winner(
-    start_cluster,
+    shared_cluster,
 ):
-    url, _ = start_cluster(REFRESH_REUSE_GRACE="0")
+    url, _ = shared_cluster(REFRESH_REUSE_GRACE="0")
     tokens = call(url, "POST", "/login", DEMO)[2]
     barrier = threading.Barrier(16)
 

@@ -412,13 +412,14 @@ def refresh_race(base, tokens, count=16):
 
 
 @pytest.fixture(params=["python server.py", "granian, 2 workers, Redis"])
-def real_server(request, start_server):
-    """Start a real server with the given settings, as each kind of user runs it."""
+def real_server(request, module_server):
+    """A real server with the given settings, as each kind of user runs it: the module's
+    own for those settings (each test logs in afresh and races on its own tokens)."""
 
     def start(**settings):
         if request.param == "python server.py":
-            return start_server(**settings)
-        return request.getfixturevalue("start_cluster")(**settings)[0]
+            return module_server(**settings)
+        return request.getfixturevalue("shared_cluster")(**settings)[0]
 
     return start
 

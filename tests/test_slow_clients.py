@@ -110,8 +110,8 @@ class Trickle:
 
 
 @pytest.fixture
-def production(start_cluster):
-    url, _ = start_cluster()
+def production(shared_cluster):
+    url, _ = shared_cluster()
     return url
 
 

@@ -530,9 +530,12 @@ def test_passwd_and_remove_with_redis_end_the_sessions_in_it(cli, users_file, re
 
 
 def test_passwd_when_the_store_does_not_answer_changes_nothing(cli, users_file, own_redis):
-    from redis_store import RedisStore
+    from redis_store import REDIS_OPTIONS, RedisStore
 
-    cli.app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    # Connected as the service connects (redis_store's options: one retry, no backoff), not
+    # with redis-py's defaults, whose backoff alone took some 8 s once the Redis was gone.
+    client = redis.Redis(port=own_redis.port, **REDIS_OPTIONS)
+    cli.app.extensions["store"] = RedisStore(client, Policy())
     assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
     before = users_file.read_text()
     own_redis.stop()
