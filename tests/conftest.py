@@ -286,44 +286,49 @@ def start_cluster(redis_url, redis_client, tmp_path):
         yield start
 
 
+def started_once(stack, launch):
+    """Return start(**settings): the server launch(settings) starts, entered on ``stack`` at
+    the first call with those settings and answered again at every later one."""
+    started = {}
+
+    def start(**settings):
+        key = tuple(sorted(settings.items()))
+        if key not in started:
+            started[key] = stack.enter_context(launch(settings))
+        return started[key]
+
+    return start
+
+
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory):
     """start_server for the tests of a module that need no server of their own: one
     `python server.py` for each set of settings, started at its first use and kept for the
     module. Its sessions, login counts and log hold the module's earlier tests too."""
+
+    def launch(settings):
+        port = free_port()
+        command = [sys.executable, str(ROOT / "server.py")]
+        env = user_env(PORT=str(port), **settings)
+        return serve(command, env, tmp_path_factory.mktemp("server"), port)
+
     with contextlib.ExitStack() as stack:
-        started = {}
-
-        def start(**settings):
-            key = tuple(sorted(settings.items()))
-            if key not in started:
-                port = free_port()
-                command = [sys.executable, str(ROOT / "server.py")]
-                env = user_env(PORT=str(port), **settings)
-                folder = tmp_path_factory.mktemp("server")
-                started[key], _ = stack.enter_context(serve(command, env, folder, port))
-            return started[key]
-
-        yield start
+        start = started_once(stack, launch)
+        yield lambda **settings: start(**settings)[0]
 
 
 @pytest.fixture(scope="module")
 def module_cluster(redis_url, tmp_path_factory):
     """Return start(**settings): two granian workers sharing the test Redis, started at the
     first call with those settings and kept for the module (see shared_cluster)."""
+
+    def launch(settings):
+        port = free_port()
+        env = user_env(**(WITH_DEMO | {"REDIS_URL": redis_url} | settings))
+        return serve(granian(port), env, tmp_path_factory.mktemp("cluster"), port)
+
     with contextlib.ExitStack() as stack:
-        started = {}
-
-        def start(**settings):
-            key = tuple(sorted(settings.items()))
-            if key not in started:
-                port = free_port()
-                env = user_env(**(WITH_DEMO | {"REDIS_URL": redis_url} | settings))
-                folder = tmp_path_factory.mktemp("cluster")
-                started[key] = stack.enter_context(serve(granian(port), env, folder, port))
-            return started[key]
-
-        yield start
+        yield started_once(stack, launch)
 
 
 @pytest.fixture
