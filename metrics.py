@@ -277,8 +277,13 @@ def run_folder() -> str:
     parent = Path(tempfile.gettempdir())
     for folder in parent.glob(RUN_FOLDER + "*"):
         pid, _, started = folder.name.removeprefix(RUN_FOLDER).partition("-")
-        ended = pid.isdigit() and process_start(int(pid)) != started
-        if ended and folder.lstat().st_uid == os.getuid():  # never another user's
+        if not pid.isdigit() or process_start(int(pid)) == started:
+            continue  # a run that goes on
+        try:
+            owner = folder.lstat().st_uid
+        except FileNotFoundError:  # another run starting at once removed it meanwhile
+            continue
+        if owner == os.getuid():  # never another user's
             shutil.rmtree(folder, ignore_errors=True)  # never follows a symlink
     folder = parent / f"{RUN_FOLDER}{main}-{process_start(main)}"
     try:

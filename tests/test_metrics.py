@@ -3,7 +3,9 @@
 import base64
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import time_machine
@@ -293,3 +295,21 @@ def test_the_process_id_the_counts_are_filed_under_is_a_forked_childs_own():
     assert int(os.read(read, 64)) == child
     os.close(read)
     assert metrics.process_id() == os.getpid()
+
+
+def test_a_folder_another_run_removes_meanwhile_does_not_stop_the_start(tmp_path, monkeypatch):
+    # Two servers starting at once each clear the folders of ended runs: the other may remove
+    # one between this run's listing of the folders and its look at that one.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / "jwt-refresh-metrics-4194304-1"  # a run that has ended (no such pid)
+    stale.mkdir()
+    started = metrics.process_start
+
+    def another_run_removes_it(pid):
+        if pid == 4194304:
+            stale.rmdir()
+        return started(pid)
+
+    monkeypatch.setattr(metrics, "process_start", another_run_removes_it)
+    folder = Path(metrics.run_folder())
+    assert folder.is_dir() and not stale.exists()
