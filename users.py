@@ -50,6 +50,12 @@ from store import get_store
 # m = 19 MiB, t = 2, p = 1: tens of milliseconds a hash, a tenth of the scrypt used before.
 PASSWORD_HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 ARGON2ID = "$argon2id$"
+# What an unknown email is checked against: the hash, at PASSWORD_HASHER's parameters, of a
+# random password that was thrown away. Made once here, so that no process start spends a hash.
+DECOY_HASH = (
+    "$argon2id$v=19$m=19456,t=2,p=1$R1S0eRb6o5O1+QKlq7D3RA$"  # parameters, then the salt
+    "CJybCzroFqnH2wtjrU9H7LKGNLpuWJJlwFWsoWZzgTg"
+)
 # The hashes that verify: Argon2id as argon2-cffi writes it, or Werkzeug's scrypt or pbkdf2.
 USABLE_HASH = re.compile(
     r"\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"
@@ -81,6 +87,13 @@ def normalised(password: str) -> str:
 def hash_password(password: str) -> str:
     """Return the Argon2id hash of a password, normalised, with a random salt of its own."""
     return PASSWORD_HASHER.hash(normalised(password))
+
+
+def decoy_hash() -> str:
+    """Return DECOY_HASH, or where PASSWORD_HASHER's parameters are others, a decoy of theirs."""
+    if PASSWORD_HASHER.check_needs_rehash(DECOY_HASH):
+        return hash_password(secrets.token_urlsafe(16))
+    return DECOY_HASH
 
 
 def password_problem(password: str, email: str) -> str | None:
@@ -203,7 +216,7 @@ class Users:
         self._failed: tuple[tuple[int, ...] | None, str] | None = None  # (stamp, error) logged
         # OWASP Authentication Cheat Sheet: an unknown email costs the same hashing work as a
         # wrong password, so the timing does not tell which emails have accounts.
-        self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+        self._decoy_hash = decoy_hash()
 
     @classmethod
     def load(

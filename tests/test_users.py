@@ -25,13 +25,16 @@ TYPED_TWICE = f"{PASSWORD}\n{PASSWORD}\n"
 
 
 class SpyHasher:
-    """Hashes and verifies as the wrapped hasher does, and records each hash it verifies."""
+    """Hashes and verifies as the wrapped hasher does; counts its hashes, records each hash it
+    verifies."""
 
     def __init__(self, hasher):
         self.hasher = hasher
+        self.hashed = 0
         self.verified = []
 
     def hash(self, password):
+        self.hashed += 1
         return self.hasher.hash(password)
 
     def verify(self, password_hash, password):
@@ -75,6 +78,24 @@ def test_unknown_email_verifies_once_against_a_decoy_of_the_same_parameters(monk
 
     assert accounts.authenticate("alice@example.com", "wrong") is None
     assert spy.verified[1:] == [alice.password_hash]
+
+
+def test_the_decoy_is_made_once_at_the_parameters_of_the_hasher(monkeypatch):
+    # The shipped decoy has the shipped parameters: no process start spends a hash on it.
+    spy = SpyHasher(SHIPPED_HASHER)
+    monkeypatch.setattr(users, "PASSWORD_HASHER", spy)
+    Users.load(None, required=False, log=LOG)
+    assert spy.hashed == 0
+    assert users.DECOY_HASH.startswith(OWASP_PREFIX)
+    assert not SHIPPED_HASHER.check_needs_rehash(users.DECOY_HASH)
+    # Other parameters get a decoy of their own, made at once, not at the first unknown email.
+    other = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    spy = SpyHasher(other)
+    monkeypatch.setattr(users, "PASSWORD_HASHER", spy)
+    accounts = Users.load(None, required=False, log=LOG)
+    assert spy.hashed == 1
+    assert accounts.authenticate("nobody@example.com", "correct horse") is None
+    assert spy.hashed == 1 and not other.check_needs_rehash(spy.verified[0])
 
 
 def test_logs_in_case_insensitively_and_finds_the_user_by_id():
