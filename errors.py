@@ -6,7 +6,6 @@ Every error body is ``{"error": "<snake_case_code>", "message": "<what to do abo
 import re
 from typing import Any
 
-import redis
 from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -27,9 +26,8 @@ class APIError(HTTPException):
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Answer every HTTP error, and every store failure, in the one JSON shape."""
+    """Answer every HTTP error in the one JSON shape (a store's failures: store_unavailable)."""
     app.register_error_handler(HTTPException, handle_http_error)
-    app.register_error_handler(redis.RedisError, store_unavailable)
 
 
 def error_body(code: str, message: str | None) -> dict[str, str | None]:
@@ -65,8 +63,9 @@ def error_code(reason: str) -> str:
     return re.sub(r"\W+", "_", reason.lower())
 
 
-def store_unavailable(error: redis.RedisError) -> Response:
-    """Fail closed: without the store's word no token is issued or accepted."""
+def store_unavailable(error: Exception) -> Response:
+    """Fail closed: without the store's word no token is issued or accepted. The handler of
+    each error a store raises when it does not answer (its ``unavailable``)."""
     current_app.logger.error("The store failed: %s", type(error).__name__)
     message = "The session store is not answering. Try again in a few seconds."
     # RFC 9110 §10.2.3: Retry-After tells a client when a 503 may be over.

@@ -282,6 +282,9 @@ class RedisStore(Store):
     """
 
     kind = "redis"
+    # redis-py's cluster errors that are no RedisError (a slot no node serves, a cluster that
+    # cannot be reached) mean the same.
+    unavailable = (redis.RedisError, RedisClusterException)
 
     def __init__(
         self, client: redis.Redis | RedisCluster, policy: Policy = Policy(), prefix: str = "jwt:"
@@ -407,11 +410,9 @@ def connect(url: str, target: Target) -> tuple[redis.Redis | RedisCluster, Stora
 
 
 def init_app(app: Flask) -> None:
-    """Give the app a RedisStore where REDIS_URL is set, after store.init_app; say at start
-    if it does not answer."""
+    """Give the app the RedisStore of REDIS_URL (store.init_app calls this where it is set);
+    say at start if it does not answer."""
     url = app.config["REDIS_URL"]
-    if not url:
-        return
     try:
         target = parse_url(url)
     except ValueError as error:
@@ -431,12 +432,11 @@ def init_app(app: Flask) -> None:
             "takes (https://redis.readthedocs.io, redis.from_url)."
         ) from None
     store = app.extensions["store"] = RedisStore(client, app.extensions["policy"])
-    # redis-py's cluster errors that are no RedisError (a slot no node serves, a cluster that
-    # cannot be reached) fail closed too.
-    app.register_error_handler(RedisClusterException, store_unavailable)
+    for failure in store.unavailable:  # fail closed: a 503
+        app.register_error_handler(failure, store_unavailable)
     try:
         store.ping()
-    except (redis.RedisError, RedisClusterException) as error:
+    except store.unavailable as error:
         # Said once, at start; every request that needs the store tries again, and answers 503
         # until it answers.
         app.logger.error(

@@ -19,7 +19,6 @@ import auth
 import browser
 import metrics
 import other_services
-import redis_store
 import sessions
 import settings
 import slow_clients
@@ -47,8 +46,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app = Flask(__name__)
     settings.init_app(app, test_config)
     web.init_app(app)  # JSON errors, common headers, bounded bodies
-    store.init_app(app)  # sessions in this process...
-    redis_store.init_app(app)  # ...or in Redis, where REDIS_URL says
+    store.init_app(app)  # sessions in this process, or in Redis where REDIS_URL says
     throttle.init_app(app)  # login limits
     auth.init_app(app)  # the keys of both kinds of token
     token_cache.init_app(app)  # verified access tokens, remembered until they expire

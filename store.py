@@ -101,6 +101,8 @@ class Store(Protocol):
     """The interface every backend implements; every change to a session is atomic."""
 
     kind: str  # "memory" or "redis", for GET /healthz
+    # What it raises when it does not answer: the app answers them with a 503 (errors.py).
+    unavailable: tuple[type[Exception], ...]
 
     def start(self, session: Session, now: int) -> list[str]:
         """Add a session; end the user's least recently used beyond the cap; return their ids."""
@@ -139,6 +141,7 @@ class MemoryStore(Store):
     """
 
     kind = "memory"
+    unavailable = ()  # it always answers
 
     def __init__(self, policy: Policy = Policy()) -> None:
         self._policy = policy
@@ -244,7 +247,8 @@ class MemoryStore(Store):
 
 
 def init_app(app: Flask) -> None:
-    """Give the app its session policy and, unless redis_store's init_app did, a MemoryStore."""
+    """Give the app its session policy and its store: a MemoryStore, or where REDIS_URL is set,
+    the RedisStore of redis_store.py."""
     config = app.config
     policy = app.extensions["policy"] = Policy(
         idle_ttl=config["SESSION_IDLE_TTL"],
@@ -253,7 +257,10 @@ def init_app(app: Flask) -> None:
         lifetime=config["REFRESH_TOKEN_TTL"],
     )
     if config["REDIS_URL"]:
-        return  # redis_store.init_app gives the shared store
+        import redis_store  # only here: a process without Redis never loads redis-py
+
+        redis_store.init_app(app)
+        return
     app.extensions["store"] = MemoryStore(policy)
     if config["SERVER"]:
         app.logger.warning(

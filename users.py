@@ -37,7 +37,6 @@ from typing import TypeVar
 
 import argon2
 import click
-import redis
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from werkzeug.security import check_password_hash
@@ -700,7 +699,7 @@ def _end_sessions(email: str) -> str:
         return f"{RUNNING_SERVERS} end its sessions within a second."
     try:
         count = len(store.end_all(_user_id(email)))
-    except redis.RedisError as error:
+    except store.unavailable as error:
         message = f"The session store does not answer ({type(error).__name__}); nothing changed."
         raise click.ClickException(message) from None
     sessions = f"{count} session{'s' * (count != 1)}"
@@ -803,7 +802,7 @@ def _ending_sessions(app: Flask) -> Callable[[str, bool], object]:
             return
         try:
             ended = store.end_all(user_id)
-        except redis.RedisError:  # each worker tries; the account check refuses them anyway
+        except store.unavailable:  # each worker tries; the account check refuses them anyway
             return
         app.logger.info(
             "Account %s was removed or its password changed: its %d sessions here ended.",

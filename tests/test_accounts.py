@@ -6,9 +6,7 @@ import pytest
 import redis
 
 import users
-from redis_store import RedisStore
 from server import create_app
-from store import Policy
 
 from .conftest import LIVE, TEST_CONFIG, audit_records, call, eventually, released_together
 
@@ -213,8 +211,7 @@ def refuse_scripts(redis_server):
 
 
 def test_a_store_failing_mid_change_leaves_the_password_as_it_was(users_file, own_redis):
-    app = create_app(TEST_CONFIG | {"USERS_FILE": str(users_file)})
-    app.extensions["store"] = RedisStore(redis.Redis(port=own_redis.port), Policy())
+    app = create_app(TEST_CONFIG | {"USERS_FILE": str(users_file), "REDIS_URL": own_redis.url})
     client = app.test_client()
     phone, mine = login(client), login(client)
     before = users_file.read_text()

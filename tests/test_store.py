@@ -1,5 +1,7 @@
 """One suite for every store: sessions, rotation, the grace window, ending, idle and cap."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,6 +10,8 @@ import redis
 
 from redis_store import REDIS_OPTIONS, RedisStore, connect, parse_url
 from store import MemoryStore, Policy, Rotation
+
+from .conftest import ROOT, SECRETS, user_env
 
 # Each test moves its own clock by passing `now`; a day ahead, so that deadlines passed to
 # Redis as EXPIREAT stay in its future however long the suite runs.
@@ -335,3 +339,17 @@ def test_within_one_second_the_cap_still_evicts_the_least_recently_used(make_sto
     third = store.sessions("alice", NOW)[-1]
     assert begin(store, now=NOW, policy=policy)[1] == [third.id]
     assert store.sessions("alice", NOW)[-1].id == second.id
+
+
+def test_without_redis_url_redis_py_is_never_loaded(redis_url):
+    """The in-memory store, the default, does not pay for the Redis backend's import."""
+    loaded = (
+        "import sys, server; server.create_app();"
+        "print(sorted({'redis', 'redis_store'} & set(sys.modules)))"
+    )
+    for settings, expected in [({}, "[]"), ({"REDIS_URL": redis_url}, "['redis', 'redis_store']")]:
+        answer = subprocess.run(
+            [sys.executable, "-c", loaded], env=user_env(**SECRETS, **settings), cwd=ROOT,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert answer.stdout.strip() == expected, answer.stderr
