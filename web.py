@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import yaml
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -168,6 +167,8 @@ def openapi() -> Response:
 @functools.cache
 def openapi_description() -> dict[str, Any]:
     """Return openapi.yaml, read once per process when first served."""
+    import yaml  # here, with the first reading: a process that never serves it never loads it
+
     return yaml.safe_load(OPENAPI_PATH.read_text())
 
 
