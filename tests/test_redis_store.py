@@ -13,6 +13,7 @@ from redis_store import RedisStore, Target, connect, parse_url
 from server import create_app
 from settings import ConfigError
 from store import Policy
+from users import hash_password
 
 from .conftest import (
     DEMO,
@@ -414,11 +415,19 @@ def test_a_cluster_failover_mid_traffic_is_503_then_service_with_every_session(c
 def test_every_cluster_node_gone_is_a_503_never_a_500(tmp_path):
     # redis-py raises RedisClusterException, no RedisError, when no node answers at all.
     binaries = topology_binaries("redis")
+    users_file = tmp_path / "users.txt"
+    users_file.write_text(f"alice@example.com:{hash_password('correct horse battery')}\n")
     with RedisClusterNodes(tmp_path / "cluster", binaries, replicas=0) as nodes:
-        client = create_app(WITH_DEMO | {"REDIS_URL": nodes.url}).test_client()
+        app = create_app(WITH_DEMO | {"REDIS_URL": nodes.url, "USERS_FILE": str(users_file)})
+        client = app.test_client()
         tokens = client.post("/login", json=DEMO).json
         for node in nodes.nodes.values():
             node.kill()
+        # `flask users remove` cannot end the account's sessions: it says so, and keeps it.
+        removed = app.test_cli_runner().invoke(args=["users", "remove", "alice@example.com"])
+        assert removed.exit_code == 1
+        assert "The session store does not answer (RedisClusterException)" in removed.output
+        assert "alice@example.com:" in users_file.read_text()
         answers = [
             client.post("/login", json=DEMO),
             client.post("/token", json=refresh_body(tokens)),
