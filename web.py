@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.serving import WSGIRequestHandler
+from werkzeug.serving import WSGIRequestHandler, get_sockaddr, select_address_family
 
 from errors import APIError, body_too_large, error_body, error_code, register_error_handlers
 from settings import ConfigError
@@ -206,8 +206,13 @@ def serve(create_app: Any) -> None:
     except ConfigError as error:
         sys.exit(f"error: {error.message}")
     host, port = app.config["HOST"], app.config["PORT"]
+    family = select_address_family(host, port)  # as Werkzeug's server will bind
     try:  # say so plainly before anything else, rather than after an address to open
-        socket.create_server((host, port)).close()
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's does
+            # Bound, never listening: a client that connects meanwhile is refused and tries
+            # again, rather than accepted here and reset when this socket closes.
+            probe.bind(get_sockaddr(host, port, family))
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         sys.exit(f"error: cannot listen on {host}:{port} ({reason}); set PORT to another.")

@@ -1,4 +1,6 @@
 import json
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ from .conftest import (
     DEMO_ID,
     PRODUCTION,
     REFRESH_SECRET,
+    ROOT,
     TEST_CONFIG,
     AuthActions,
     audit_records,
@@ -24,6 +27,7 @@ from .conftest import (
     free_port,
     refresh_body,
     released_together,
+    run_server,
     serve,
     user_env,
 )
@@ -624,3 +628,57 @@ def test_plain_http_answers_never_carry_hsts(proxies, headers):
     app = create_app(TEST_CONFIG | {"TRUSTED_PROXIES": proxies})
     response = app.test_client().get("/healthz", headers=headers)
     assert "Strict-Transport-Security" not in response.headers
+
+
+# --- python server.py's start --------------------------------------------------------------
+
+# Runs server.py with every socket that web.serve closes held open a second first: the moment
+# between its look at the port and the server's own socket, stretched for a client to meet.
+SLOW_START = """
+import runpy, socket, sys, time
+def hold(frame, event, arg):
+    if event == "call" and frame.f_code is socket.socket.close.__code__:
+        caller = frame.f_back
+        while caller and caller.f_code.co_name != "serve":
+            caller = caller.f_back
+        if caller and caller.f_code.co_filename.endswith("web.py"):
+            time.sleep(1)
+sys.setprofile(hold)
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+def test_a_client_that_connects_while_the_server_starts_is_answered_never_reset(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-c", SLOW_START, str(ROOT / "server.py")]
+    env = user_env(**TEST_CONFIG, PORT=str(port))
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # as a readiness probe does: connect at once, and send at once
+            assert server.poll() is None, log.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    answer = b"".join(iter(lambda: client.recv(4096), b""))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_port_in_use_stops_the_start_with_one_plain_line(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_server(TEST_CONFIG | {"PORT": str(port)}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); set PORT to another."
+    )
+    assert "Traceback" not in result.stderr and "Open http" not in result.stderr
