@@ -26,7 +26,7 @@ class APIError(HTTPException):
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Answer every HTTP error in the one JSON shape (a store's failures: store_unavailable)."""
+    """Answer every HTTP error in the one JSON shape (store.init_app adds a store's failures)."""
     app.register_error_handler(HTTPException, handle_http_error)
 
 

@@ -18,7 +18,6 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from errors import store_unavailable
 from settings import ConfigError
 from store import Policy, Rotation, Session, Store
 
@@ -432,8 +431,6 @@ def init_app(app: Flask) -> None:
             "takes (https://redis.readthedocs.io, redis.from_url)."
         ) from None
     store = app.extensions["store"] = RedisStore(client, app.extensions["policy"])
-    for failure in store.unavailable:  # fail closed: a 503
-        app.register_error_handler(failure, store_unavailable)
     try:
         store.ping()
     except store.unavailable as error:

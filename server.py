@@ -6,7 +6,8 @@ client meets them.
 ``GET /me`` is what an access token is for. Run it with ``python server.py``.
 
 Read this file first, then auth.py (the tokens) and store.py (the sessions). Every other
-module is a capability of its own, plugged in by ``create_app``; a first reading skips them.
+module is a capability of its own, plugged in by ``create_app`` (the Redis backend by
+``store.init_app``); a first reading skips them.
 """
 
 import time

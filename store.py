@@ -21,6 +21,8 @@ from typing import Protocol
 
 from flask import Flask, current_app
 
+from errors import store_unavailable
+
 
 def new_id() -> str:
     """Return a fresh random id of 128 bits from a CSPRNG (22 base64url characters)."""
@@ -101,7 +103,7 @@ class Store(Protocol):
     """The interface every backend implements; every change to a session is atomic."""
 
     kind: str  # "memory" or "redis", for GET /healthz
-    # What it raises when it does not answer: the app answers them with a 503 (errors.py).
+    # What it raises when it does not answer: store.init_app makes each a 503 (fail closed).
     unavailable: tuple[type[Exception], ...]
 
     def start(self, session: Session, now: int) -> list[str]:
@@ -260,14 +262,17 @@ def init_app(app: Flask) -> None:
         import redis_store  # only here: a process without Redis never loads redis-py
 
         redis_store.init_app(app)
-        return
-    app.extensions["store"] = MemoryStore(policy)
-    if config["SERVER"]:
-        app.logger.warning(
-            "Running under %s with the in-memory store: with more than one worker, each "
-            "worker has its own sessions. Set REDIS_URL.",
-            config["SERVER"],
-        )
+    else:
+        app.extensions["store"] = MemoryStore(policy)
+        if config["SERVER"]:
+            app.logger.warning(
+                "Running under %s with the in-memory store: with more than one worker, each "
+                "worker has its own sessions. Set REDIS_URL.",
+                config["SERVER"],
+            )
+    # Fail closed: without the store's word no token is issued or accepted, a 503 instead.
+    for failure in app.extensions["store"].unavailable:
+        app.register_error_handler(failure, store_unavailable)
 
 
 def get_store() -> Store:

@@ -199,6 +199,13 @@ class QuietRequestHandler(WSGIRequestHandler):
         super().log_request(code, size)
 
 
+def page_address(host: str, port: int) -> str:
+    """Return the URL to open for a server on host and port: an address of every interface
+    is this machine's, and an IPv6 address goes in brackets (RFC 3986 §3.2.2)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
 def serve(create_app: Any) -> None:
     """Serve with Flask's own threaded server, debug off, where the settings say."""
     try:
@@ -216,6 +223,5 @@ def serve(create_app: Any) -> None:
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         sys.exit(f"error: cannot listen on {host}:{port} ({reason}); set PORT to another.")
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    app.logger.info("Open http://%s:%d/ for the demo page.", shown, port)
+    app.logger.info("Open %s for the demo page.", page_address(host, port))
     app.run(host=host, port=port, debug=False, threaded=True, request_handler=QuietRequestHandler)

@@ -11,7 +11,7 @@ import pytest
 import time_machine
 
 from server import create_app
-from web import audit
+from web import audit, page_address
 
 from .conftest import (
     ACCESS_SECRET,
@@ -671,6 +671,20 @@ def test_a_client_that_connects_while_the_server_starts_is_answered_never_reset(
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:3000/"),
+        ("0.0.0.0", "http://127.0.0.1:3000/"),  # every interface: this machine's is one
+        ("::", "http://[::1]:3000/"),
+        ("::1", "http://[::1]:3000/"),  # RFC 3986 §3.2.2: an IPv6 address in brackets
+        ("localhost", "http://localhost:3000/"),
+    ],
+)
+def test_the_address_to_open_is_a_url_a_browser_takes(host, shown):
+    assert page_address(host, 3000) == shown
 
 
 def test_a_port_in_use_stops_the_start_with_one_plain_line(tmp_path):

@@ -88,6 +88,10 @@ def test_the_decoy_is_made_once_at_the_parameters_of_the_hasher(monkeypatch):
     assert spy.hashed == 0
     assert users.DECOY_HASH.startswith(OWASP_PREFIX)
     assert not SHIPPED_HASHER.check_needs_rehash(users.DECOY_HASH)
+    # A whole hash, whose check is the full work: one cut short fails at once, and the timing
+    # would tell which emails have accounts.
+    with pytest.raises(argon2.exceptions.VerifyMismatchError):
+        SHIPPED_HASHER.verify(users.DECOY_HASH, "correct horse")
     # Other parameters get a decoy of their own, made at once, not at the first unknown email.
     other = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
     spy = SpyHasher(other)
