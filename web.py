@@ -4,6 +4,7 @@ Skip this file on a first read. It also serves ``/healthz`` and ``/openapi.json`
 the development server (``python server.py``).
 """
 
+import errno
 import functools
 import json
 import os
@@ -221,7 +222,9 @@ def serve(create_app: Any) -> None:
             # again, rather than accepted here and reset when this socket closes.
             probe.bind(get_sockaddr(host, port, family))
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        sys.exit(f"error: cannot listen on {host}:{port} ({reason}); set PORT to another.")
+        # A name that does not resolve, or an address that is not this machine's: HOST.
+        not_here = isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL
+        fix = "set HOST to an address of this machine" if not_here else "set PORT to another"
+        sys.exit(f"error: cannot listen on {host}:{port} ({error.strerror or error}); {fix}.")
     app.logger.info("Open %s for the demo page.", page_address(host, port))
     app.run(host=host, port=port, debug=False, threaded=True, request_handler=QuietRequestHandler)

@@ -696,3 +696,19 @@ def test_a_port_in_use_stops_the_start_with_one_plain_line(tmp_path):
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use); set PORT to another."
     )
     assert "Traceback" not in result.stderr and "Open http" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("192.0.2.1", "Cannot assign requested address"),  # RFC 5737: no machine's address
+        ("no-such-host.invalid", "Name or service not known"),  # RFC 6761: never resolves
+    ],
+)
+def test_a_host_not_of_this_machine_stops_the_start_naming_host(tmp_path, host, reason):
+    result = run_server(TEST_CONFIG | {"HOST": host, "PORT": "3000"}, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on {host}:3000 ({reason}); set HOST to an address of this machine."
+    )
+    assert "Traceback" not in result.stderr
