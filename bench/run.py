@@ -354,12 +354,11 @@ def redis_client(url: str):
 
 def usable_redis(url: str, results: Results) -> bool:
     """Tell whether the Redis answers; if not, the report says its row is left out."""
-    import redis
-    from redis.exceptions import RedisClusterException
+    from redis_store import RedisStore
 
     try:
         redis_client(url).ping()
-    except (redis.RedisError, RedisClusterException, ValueError) as error:
+    except (*RedisStore.unavailable, ValueError) as error:
         results.note(f"No row for {hide_password(url)}: it does not answer ({error}).")
         return False
     return True
