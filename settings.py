@@ -24,6 +24,8 @@ MIN_SECRET_LENGTH = 32
 # Servers that can run the app in several processes, found by their modules in the worker.
 PRODUCTION_SERVERS = ("gunicorn", "granian")
 ACCESS_ALGORITHMS = ("HS256", "EdDSA")
+# The development server's demo account logs in with this well-known password (the README).
+DEMO_PASSWORD = "demo-password"
 
 
 class ConfigError(click.ClickException):
@@ -98,7 +100,7 @@ def load_settings(env: Mapping[str, str], log: logging.Logger) -> dict[str, Any]
     if not settings["DEMO_USER_PASSWORD"] and not (production or server or settings["USERS_FILE"]):
         # Only the development server, with no accounts of its own, gets the well-known demo
         # password: a production server never does (OWASP ASVS 2.1: no default credentials).
-        settings["DEMO_USER_PASSWORD"] = "demo-password"
+        settings["DEMO_USER_PASSWORD"] = DEMO_PASSWORD
     _check_keys_differ(settings, production, log)
     _check_server_fit(settings, production, server, random_secrets)
     if random_secrets and not app_command():

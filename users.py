@@ -42,7 +42,7 @@ from flask.cli import AppGroup
 from werkzeug.security import check_password_hash
 
 from errors import APIError
-from settings import ConfigError, app_command
+from settings import DEMO_PASSWORD, ConfigError, app_command
 from store import get_store
 
 # OWASP Password Storage Cheat Sheet: Argon2id at its first recommended setting,
@@ -54,6 +54,12 @@ ARGON2ID = "$argon2id$"
 DECOY_HASH = (
     "$argon2id$v=19$m=19456,t=2,p=1$R1S0eRb6o5O1+QKlq7D3RA$"  # parameters, then the salt
     "CJybCzroFqnH2wtjrU9H7LKGNLpuWJJlwFWsoWZzgTg"
+)
+# The demo account's password is public (the README gives it), so its hash can ship too: no
+# development start, nor any granian worker, spends a hash on it.
+DEMO_HASH = (
+    "$argon2id$v=19$m=19456,t=2,p=1$ieOiRed1BKyiG7ZgTyqpJQ$"
+    "3BWhHDdUb4yb3B/vx/28I5bUotiNCdJgGySLgG18as4"
 )
 # The hashes that verify: Argon2id as argon2-cffi writes it, or Werkzeug's scrypt or pbkdf2.
 USABLE_HASH = re.compile(
@@ -93,6 +99,14 @@ def decoy_hash() -> str:
     if PASSWORD_HASHER.check_needs_rehash(DECOY_HASH):
         return hash_password(secrets.token_urlsafe(16))
     return DECOY_HASH
+
+
+def in_memory_hash(password: str) -> str:
+    """Return the hash of an in-memory account's password: DEMO_HASH for the demo's public
+    password at PASSWORD_HASHER's parameters, else a new one with a salt of its own."""
+    if password == DEMO_PASSWORD and not PASSWORD_HASHER.check_needs_rehash(DEMO_HASH):
+        return DEMO_HASH
+    return hash_password(password)
 
 
 def password_problem(password: str, email: str) -> str | None:
@@ -315,7 +329,7 @@ class Users:
 
     def add(self, email: str, password: str) -> User:
         """Add an account in memory only (the demo's); ValueError if the email has one."""
-        user = User(_user_id(email), email.lower(), hash_password(password))
+        user = User(_user_id(email), email.lower(), in_memory_hash(password))
         with self._lock:
             if user.email in self._accounts.by_email:
                 raise ValueError(f"{email} already has an account.")

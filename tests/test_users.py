@@ -12,9 +12,12 @@ from flask import Flask
 from werkzeug.security import generate_password_hash
 
 import users
+from server import create_app
 from settings import ConfigError
 from store import MemoryStore, Policy
 from users import Users, users_cli
+
+from .conftest import DEMO, TEST_CONFIG
 
 # Taken when this module is imported, before conftest's autouse fixture swaps in a cheap one.
 SHIPPED_HASHER = users.PASSWORD_HASHER
@@ -100,6 +103,27 @@ def test_the_decoy_is_made_once_at_the_parameters_of_the_hasher(monkeypatch):
     assert spy.hashed == 1
     assert accounts.authenticate("nobody@example.com", "correct horse") is None
     assert spy.hashed == 1 and not other.check_needs_rehash(spy.verified[0])
+
+
+def test_the_well_known_demo_password_costs_no_hash_at_start(monkeypatch):
+    # Every development start, and each granian worker, adds the demo account: its password is
+    # public, so its hash ships too. A demo password of one's own is hashed, salted, at start.
+    spy = SpyHasher(SHIPPED_HASHER)
+    monkeypatch.setattr(users, "PASSWORD_HASHER", spy)
+    demo = create_app(TEST_CONFIG).extensions["users"]  # development: the well-known password
+    assert spy.hashed == 0
+    assert demo.authenticate(DEMO["email"], DEMO["password"]) is not None
+    assert demo.authenticate(DEMO["email"], DEMO["password"] + "!") is None
+    assert not SHIPPED_HASHER.check_needs_rehash(spy.verified[0])
+    chosen = create_app(TEST_CONFIG | {"DEMO_USER_PASSWORD": "a long chosen password"})
+    assert spy.hashed == 1
+    assert chosen.extensions["users"].authenticate(DEMO["email"], "a long chosen password")
+    assert chosen.extensions["users"].authenticate(DEMO["email"], DEMO["password"]) is None
+    # Other parameters (the suite's cheap ones, say) get the demo's hash made at theirs.
+    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    monkeypatch.setattr(users, "PASSWORD_HASHER", cheap)
+    demo = create_app(TEST_CONFIG).extensions["users"].fresh().by_email[DEMO["email"]]
+    assert not cheap.check_needs_rehash(demo.password_hash)
 
 
 def test_logs_in_case_insensitively_and_finds_the_user_by_id():
@@ -388,7 +412,7 @@ def test_commands_without_users_file_say_how_to_set_it(cli, args):
 def test_the_readme_production_path_through_the_real_flask_command(tmp_path, start_cluster):
     """`flask --app server users add` creates the file even with production settings, then
     granian in production logs that account in, and the demo password does not work."""
-    from .conftest import DEMO, TEST_CONFIG, call, user_env
+    from .conftest import call, user_env
 
     env = user_env(**TEST_CONFIG, APP_ENV="production", USERS_FILE=str(tmp_path / "users.txt"))
     flask = [sys.executable, "-m", "flask", "--app", "server", "users"]
