@@ -7,6 +7,7 @@ from its results.json.
 """
 
 import json
+import statistics
 from pathlib import Path
 
 # The peers' names, as bench/run.py gives them and the targets look them up.
@@ -43,13 +44,19 @@ def warmup(results: dict) -> str:
     return f", each after {seconds} s of warm-up" if seconds else ""
 
 
+def rounds(results: dict) -> str:
+    """How many times each row at the smallest N was measured, if more than once."""
+    count = results.get("rounds", 1)
+    return f"; {count} rounds at the smallest N, each target from the medians" if count > 1 else ""
+
+
 def markdown(results: dict) -> str:
     """The report: the targets first, then every row, then logins and memory."""
     machine, rows = results["machine"], targets(results)
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
         f"server on core 0, wrk on core 1, {results['connections']} connections, "
-        f"{results['duration']} s a route{warmup(results)}; "
+        f"{results['duration']} s a route{warmup(results)}{rounds(results)}; "
         f"load average {machine.get('load', 0):.1f} at the start.",
         "",
         "| target | measured | needed | |",
@@ -71,6 +78,7 @@ def markdown(results: dict) -> str:
         token, me = run["token"], run["me"]
         rss = f"{run['rss_per_session']:.0f} B" if run.get("rss_per_session") else ""
         sessions = "as running" if run["sessions"] is None else f"{run['sessions']:,}"
+        sessions += of_round(run)
         failed = f"**{errors(run)}**" if errors(run) else ""
         lines.append(
             f"| {run['name']} | {sessions} | {token['rps']:.0f} | {token['p50_ms']:.2f} "
@@ -128,11 +136,17 @@ def targets(results: dict) -> list[tuple[str, str, str, str]]:
 
 
 def rps(runs: list[dict], name: str, sessions: int, route: str) -> float | None:
-    """The req/s of ``name`` at ``sessions`` on ``route``, or None if not measured."""
+    """The req/s of ``name`` at ``sessions`` on ``route``, the median of its rounds if it was
+    measured in several, or None if not measured."""
     found = [
         run[route]["rps"] for run in runs if run["name"] == name and run["sessions"] == sessions
     ]
-    return found[0] if found else None
+    return statistics.median(found) if found else None
+
+
+def of_round(run: dict) -> str:
+    """ ", round N" for a row measured in several rounds, else nothing."""
+    return f", round {run['round']}" if run.get("round") else ""
 
 
 def ratio_row(what: str, top: float | None, bottom: float | None, at_least: float) -> tuple:
@@ -183,7 +197,8 @@ def plot(results: dict, path: Path) -> None:
             axes.grid(True, axis="x", alpha=0.3)
             continue
         for name in names:
-            points = sorted((r["sessions"], r[route]["rps"]) for r in runs if r["name"] == name)
+            sizes = sorted({r["sessions"] for r in runs if r["name"] == name})
+            points = [(n, rps(runs, name, n, route)) for n in sizes]
             axes.plot([max(n, 1) for n, _ in points], [y for _, y in points], "o-", label=name)
         axes.set_xscale("log")
         axes.set_yscale("log")  # the Express original falls a hundredfold at 1M sessions

@@ -3,6 +3,7 @@
     python bench/run.py --peers              # N = 0, 10k, 100k, 1M; ours and every peer
     python bench/run.py --smoke              # one small N, a few seconds (CI)
     python bench/run.py --sessions 0 --metrics   # ours with metrics on and off
+    python bench/run.py --peers --sessions 0 --rounds 3   # each row 3 times: medians
     python bench/run.py --peers --redis-url redis://127.0.0.1:6379/13   # and ours on Redis
     python bench/run.py --redis-url redis://127.0.0.1:6379/13 --local-cluster  # and a Cluster
     python bench/run.py --redis-url redis+cluster://10.0.0.1:7000,10.0.0.2:7000  # any Cluster
@@ -109,16 +110,22 @@ def measure_rows(args: argparse.Namespace, results: "Results") -> None:
     redis_url = next((url for url in redis_urls if not url.startswith("redis+cluster")), None)
     ours = args.servers[0]
     for sessions in args.sessions:
-        for server in args.servers:
-            results.measure(our_name(server), partial(measure_ours, server, sessions, args))
+        rows = [(our_name(server), partial(measure_ours, server, sessions, args))
+                for server in args.servers]  # fmt: skip
         if args.metrics and sessions == min(args.sessions):
             off = partial(measure_ours, ours, sessions, args, metrics=False)
-            results.measure(our_name(ours, metrics=False), off)
+            rows.append((our_name(ours, metrics=False), off))
         for url in redis_urls if sessions == min(args.sessions) else []:
             on_redis = partial(measure_ours_on_redis, url, sessions, args)
-            results.measure(our_name(ours, store_of(url)), on_redis)
+            rows.append((our_name(ours, store_of(url)), on_redis))
         for name, command in peers:
-            results.measure(name, partial(measure_peer_cmd, name, command, sessions, args))
+            rows.append((name, partial(measure_peer_cmd, name, command, sessions, args)))
+        # The targets' ratios are taken at the smallest N: there, each row is measured in
+        # every round, every other round in the reverse order, and the report takes medians.
+        rounds = args.rounds if sessions == min(args.sessions) else 1
+        for round_ in range(1, rounds + 1):
+            for name, measure in rows if round_ % 2 else rows[::-1]:
+                results.measure(name, measure, round_=round_ if rounds > 1 else 0)
     for name, url in args.peer:
         results.measure(name, partial(measure_peer, name, url, None, args))
     if not args.smoke:
@@ -155,6 +162,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--metrics", action="store_true", help="also ours with metrics off, at the smallest N"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each row at the smallest N this many times, in alternating order; "
+        "the targets take each row's median (a noisy machine: 3 or 5)",
+    )
     parser.add_argument("--update", action="store_true", help="write to bench/results/")
     args = parser.parse_args()
     if args.smoke:
@@ -180,6 +194,7 @@ class Results:
             "machine": machine(),
             "connections": args.connections,
             "duration": args.duration,
+            "rounds": args.rounds,
             "warmup": args.warmup,
             "ours": our_name(args.servers[0]),
             "ours_redis": our_name(args.servers[0], "Redis"),
@@ -193,20 +208,25 @@ class Results:
         if not args.smoke and not self.plot:
             self.note("No plot: matplotlib is missing (pip install -r bench/requirements.txt).")
 
-    def measure(self, name: str, measure: Callable[[], object], key: str = "") -> None:
-        """Keep what ``measure`` returns (a row, or ``key``'s value), or report why not."""
+    def measure(
+        self, name: str, measure: Callable[[], object], key: str = "", round_: int = 0
+    ) -> None:
+        """Keep what ``measure`` returns (a row, of ``round_`` if several, or ``key``'s
+        value), or report why not."""
         try:
             value = measure()
         except FAILURES as error:
-            self.skip(f"{name}: {error}")
+            self.skip(f"{name}: {error}" + (f" (round {round_})" if round_ else ""))
             return
         if key:
             self.set(key, value)
             return
+        if round_:
+            value["round"] = round_
         self.data["runs"].append(value)
         print(
-            f"{value['name']}, {value['sessions']} sessions: /token {value['token']['rps']:.0f}"
-            f" req/s, /me {value['me']['rps']:.0f} req/s",
+            f"{value['name']}, {value['sessions']} sessions{report.of_round(value)}: /token "
+            f"{value['token']['rps']:.0f} req/s, /me {value['me']['rps']:.0f} req/s",
             file=sys.stderr,
             flush=True,
         )
