@@ -32,6 +32,7 @@ CLIENT_ID = "first-party"
 # RFC 8725 §3.1: bound the work a stranger's input can cost before any decoding.
 MAX_TOKEN_LENGTH = 8192
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "sid", "jti", "iss", "aud"]
+IDS = ("sub", "sid", "jti")  # the user's, the session's and the token's own
 # RFC 8725 §3.10: headers that point at keys elsewhere; we never fetch one, and refuse them.
 KEY_POINTER_HEADERS = {"jwk", "jku", "x5u", "x5c"}
 # Our own words for PyJWT's refusals: a message never echoes what a stranger put in a token.
@@ -122,7 +123,12 @@ class Tokens:
         except jwt.PyJWTError as error:  # InvalidKeyError included: never a 500
             message = next((text for kind_, text in REFUSALS if isinstance(error, kind_)), None)
             raise InvalidToken(message or "The token is not valid.") from None
-        if not all(isinstance(claims[name], str) for name in ("sub", "sid", "jti")):
+        # Only a key holder gets this far. RFC 7519 §2: exp and iat are JSON numbers (PyJWT
+        # takes "123" too); the ids are ours, ASCII: a lone surrogate could reach no store.
+        if not (
+            all(type(claims[name]) in (int, float) for name in ("exp", "iat"))
+            and all(type(claims[name]) is str and claims[name].isascii() for name in IDS)
+        ):
             raise InvalidToken("The token's claims are not of the right type.")
         return claims
 

@@ -599,6 +599,35 @@ def test_a_token_of_ours_with_claims_of_the_wrong_type_is_refused(client):
         assert (response.status_code, response.json["error"]) == (401, "invalid_token")
 
 
+# Claims a signer could put in a token that PyJWT lets through: a NumericDate as a string
+# (PyJWT takes int("...")), and an id with a lone surrogate, which no store can write.
+HOSTILE_CLAIMS = [
+    {"exp": str(now() + 900)}, {"iat": str(now())}, {"exp": float(now() + 900.5)},
+    {"sid": "\ud800"}, {"sub": "\udfff"}, {"jti": "a\ud800b"}, {"sid": "x" * 5000},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("changes", HOSTILE_CLAIMS, ids=lambda changes: repr(changes)[:30])
+def test_a_signed_token_with_hostile_claims_is_refused_never_a_500(store, changes, request):
+    # Whoever holds a secret (another service holds the HS256 access one) could sign these.
+    on_redis = {"REDIS_URL": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    client = create_app(TEST_CONFIG | on_redis).test_client()
+    access = {"Authorization": f"Bearer {sign('access', claims('access', **changes))}"}
+    refresh = {"refreshToken": sign("refresh", claims("refresh", **changes))}
+    answers = [
+        client.get("/me", headers=access), client.get("/sessions", headers=access),
+        client.post("/token", json=refresh), client.post("/logout", json=refresh),
+    ]  # fmt: skip
+    float_exp = isinstance(changes.get("exp"), float)  # a JSON number: refused only by the store
+    assert [answer.status_code for answer in answers] == [401, 401, 403, 204], changes
+    for answer in answers[:3]:
+        error = answer.get_json()["error"]
+        assert error == ("invalid_refresh_token" if answer is answers[2] else "invalid_token")
+        if not float_exp and "x" * 5000 not in str(changes):
+            assert "claims are not of the right type" in answer.get_json()["message"]
+
+
 @pytest.mark.parametrize("limit", ["2 per minute; 1000 per day", "", "nonsense"])
 def test_a_limit_setting_holds_exactly_one_limit(limit):
     from settings import ConfigError, load_settings
