@@ -19,6 +19,7 @@ from typing import Any
 from flask import Flask
 
 from errors import APIError
+from web import MAX_BODY
 
 BODY_TIMEOUT = 10.0  # seconds for a whole body: ours are small JSON, 64 KiB at most
 THREADS = 8  # per worker: the WSGI app waits on Redis; more threads overlap those waits
@@ -67,9 +68,7 @@ class RSGIServer:
         if scope.proto != "http":  # a WebSocket: the service has none
             return
         try:
-            body, complete = await read_body(
-                scope.headers, proto, self.app.config["MAX_CONTENT_LENGTH"]
-            )
+            body, complete = await read_body(scope.headers, proto, MAX_BODY)
         except TimeoutError:
             body, complete = None, False
         except ProtocolClosed:  # the client left before its body was in: no one to answer
@@ -107,7 +106,7 @@ class RSGIServer:
 async def read_body(headers: Any, proto: Any, limit: int) -> tuple[bytes, bool]:
     """Return the body, or its first limit + 1 bytes, and whether it was read to its end.
 
-    A Content-Length over the limit is not read at all: Werkzeug answers it with 413.
+    A Content-Length over the limit is not read at all: the app answers it with 413.
     """
     chunked, length = "transfer-encoding" in headers, headers.get("content-length")
     if not chunked and length is None:

@@ -1,3 +1,4 @@
+import io
 import json
 import socket
 import subprocess
@@ -269,6 +270,39 @@ TOO_LARGE = json.dumps({"email": "x" * 70_000, "password": "p"})
 def test_bad_bodies(client, path, data, content_type, status, body):
     response = client.post(path, data=data, content_type=content_type)
     assert (response.status_code, response.json) == (status, body)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize(("size", "status"), [(64 * 1024, 400), (64 * 1024 + 1, 413)])
+def test_a_body_of_64_kib_is_read_and_one_byte_more_is_413(client, framing, size, status):
+    body = b"{" + b" " * (size - 2) + b"}"  # {}: read whole, it lacks its fields
+    if framing == "chunked":  # as a server passes one on: no Content-Length, input terminated
+        framed = {
+            "input_stream": io.BytesIO(body),
+            "environ_overrides": {"wsgi.input_terminated": True},
+        }
+    else:
+        framed = {"data": body}
+    response = client.post("/login", content_type="application/json", **framed)
+    assert response.status_code == status
+    assert response.json["error"] == (
+        "invalid_field" if status == 400 else "request_entity_too_large"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_type"),
+    [("GET", "/me", "application/json"), ("POST", "/login", "text/plain"),
+     ("POST", "/introspect", "application/json"), ("GET", "/healthz", None)],
+)  # fmt: skip
+def test_any_body_over_64_kib_is_413_on_any_route_whatever_its_type(
+    client, method, path, content_type
+):
+    # Before anything else is checked: the size is the first thing a body is refused for.
+    response = client.open(
+        path, method=method, data=b"x" * (64 * 1024 + 1), content_type=content_type
+    )
+    assert (response.status_code, response.json["error"]) == (413, "request_entity_too_large")
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,9 @@ LOGIN_HEAD = (
 )
 
 
+EXACTLY_64_KIB = b"{" + b" " * (64 * 1024 - 2) + b"}"
+
+
 def chunked(body):
     return b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
 
@@ -190,8 +193,14 @@ def chunked(body):
         ([LOGIN_HEAD + chunked(LOGIN)], 200),
         ([LOGIN_HEAD + b"Content-Length: 70000\r\n\r\n{"], 413),  # not waited for
         ([LOGIN_HEAD + chunked(b"{" + b" " * 70_000 + b"}")], 413),
+        ([LOGIN_HEAD + b"Content-Length: 65536\r\n\r\n" + EXACTLY_64_KIB], 400),  # {}: read
+        ([LOGIN_HEAD + chunked(EXACTLY_64_KIB)], 400),
+        ([LOGIN_HEAD + chunked(EXACTLY_64_KIB + b" ")], 413),
     ],
-    ids=["in-pieces", "chunked", "length-over-64-KiB", "chunked-over-64-KiB"],
+    ids=[
+        "in-pieces", "chunked", "length-over-64-KiB", "chunked-over-64-KiB",
+        "length-of-64-KiB", "chunked-of-64-KiB", "chunked-of-64-KiB-and-1",
+    ],  # fmt: skip
 )
 def test_a_body_in_time_is_served_and_one_too_large_refused(production, pieces, status):
     started = time.monotonic()
