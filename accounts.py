@@ -67,6 +67,9 @@ def change_password() -> Response:
         current_app.logger.error("USERS_FILE cannot be changed: %s", reason)
         message = "The accounts file cannot be written right now; the password is unchanged."
         raise APIError(503, "accounts_unavailable", message, {"Retry-After": "60"}) from None
+    # Again once the file is written: a login that another worker started in between, and that
+    # looked at the file just before (Users.still_holds), ends too.
+    ended += [sid for sid in end_others() if sid not in ended]
     audit("password_changed", user=user.id, session=g.claims["sid"][:8], ended=str(len(ended)))
     for sid in ended:
         audit("session_ended", user=user.id, session=sid[:8], reason="password_changed")

@@ -77,11 +77,10 @@ def login() -> Response:
     except Throttled as error:
         audit("login_throttled", limit=error.limit)
         raise
-    user = get_users().authenticate(email, password)
+    users = get_users()
+    user = users.authenticate(email, password)
     if user is None:
-        audit("login_failed")
-        # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
-        raise APIError(401, "invalid_credentials", "The email or password is incorrect.")
+        raise wrong_credentials()
     guard.succeeded(email, address)
     now = int(time.time())
     user_agent = request.headers.get("User-Agent", "")[:MAX_USER_AGENT]
@@ -89,6 +88,9 @@ def login() -> Response:
     for evicted in get_store().start(session, now):
         # OWASP Session Management Cheat Sheet: a cap on sessions per user; the oldest goes.
         audit("session_evicted", user=user.id, session=evicted[:8])
+    if not users.still_holds(user, password):  # changed meanwhile, elsewhere
+        get_store().end(session.id, user.id, now)
+        raise wrong_credentials()
     audit("login_succeeded", user=user.id, session=session.id[:8])
     return token_response(session, now)
 
@@ -160,6 +162,13 @@ def token_response(session: Session, now: int) -> Response:
         "refreshToken": tokens.issue_refresh(session),
     }
     return deliver(body, session, now)  # the refresh token in the body, or in a cookie
+
+
+def wrong_credentials() -> APIError:
+    """Note a failed login; return its 401."""
+    audit("login_failed")
+    # OWASP Authentication Cheat Sheet: one answer for a wrong password and an unknown email.
+    return APIError(401, "invalid_credentials", "The email or password is incorrect.")
 
 
 def invalid_refresh_token(message: str) -> APIError:

@@ -341,6 +341,25 @@ class Users:
         """Return the user these credentials belong to, or None; checked on a hashing slot."""
         return self.hashing.run(lambda: self._check(email, password))
 
+    def still_holds(self, user: User, password: str) -> bool:
+        """Tell whether ``password``, which verified on ``user``, is still the account's as
+        USERS_FILE says now (one stat; read again only if it changed).
+
+        A login asks once its session is started. Another worker, or the command, may have
+        changed the password since this process last looked (once a second): the session of
+        the old password then ends at once, rather than outlive the change that was to end it.
+        """
+        if self._path is None or user.id not in self._accounts.in_file:
+            return True  # in memory only: it never changes
+        with self._lock:
+            self._reread(self._path)
+        now = self._accounts.by_id.get(user.id)
+        if now is None:
+            return False  # removed meanwhile
+        if now.password_hash == user.password_hash:
+            return True
+        return self.hashing.run(lambda: _verified_form(now.password_hash, password)) is not None
+
     def _check(self, email: str, password: str) -> User | None:
         user = self.fresh().by_email.get(email.lower())
         if user is None:
@@ -682,6 +701,7 @@ def change_password(email: str) -> None:
             raise click.ClickException(f"{path} has no account for {email}.")
         # OWASP Session Management Cheat Sheet, ASVS 5.0 V7: a new password ends every session.
         ended = _end_sessions(email)
+    _end_sessions_again(email)
     click.echo(f"Changed the password of {email} in {path}. {ended}")
 
 
@@ -718,6 +738,19 @@ def _end_sessions(email: str) -> str:
         raise click.ClickException(message) from None
     sessions = f"{count} session{'s' * (count != 1)}"
     return f"Ended its {sessions} in the shared store; its tokens stop working now."
+
+
+def _end_sessions_again(email: str) -> None:
+    """Once the file is written, end what a login started meanwhile on a server that looked at
+    the file just before (Users.still_holds catches every later one)."""
+    store = get_store()
+    if store.kind == "memory":
+        return
+    try:
+        store.end_all(_user_id(email))
+    except store.unavailable as error:
+        message = f"The session store stopped answering ({type(error).__name__}) after the "
+        click.echo(message + "change: a login made in that moment may keep its session.", err=True)
 
 
 def _refuse_unless(email: str, path: str, has_account: bool) -> None:

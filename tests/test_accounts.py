@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import redis
+import time_machine
 
 import users
 from server import create_app
@@ -222,6 +223,53 @@ def test_a_store_failing_mid_change_leaves_the_password_as_it_was(users_file, ow
     accounts = users.Users.load(str(users_file), required=True, log=logging.getLogger("t"))
     assert accounts.authenticate("alice@example.com", PASSWORD) is not None
     assert me(client, phone).status_code == 200
+
+
+def test_the_old_password_on_a_worker_that_has_not_reread_the_file_starts_no_session(
+    users_file, redis_url, redis_client
+):
+    # Two workers on one USERS_FILE and one Redis; the clock stands still, so the second
+    # never reaches its next look at the file (once a second) on its own.
+    config = TEST_CONFIG | {"USERS_FILE": str(users_file), "REDIS_URL": redis_url}
+    with time_machine.travel(1_900_000_000, tick=False):
+        changer, stale = create_app(config).test_client(), create_app(config).test_client()
+        mine = login(changer)
+        assert change(changer, mine).status_code == 204
+        for client in (stale, changer):  # the changer's other threads had the old hash too
+            refused = client.post("/login", json=ALICE)
+            assert refused.status_code == 401, refused.json.get("error")
+            assert refused.json["error"] == "invalid_credentials"
+        sessions = changer.get(
+            "/sessions", headers={"Authorization": f"Bearer {mine['accessToken']}"}
+        )
+        assert [session["current"] for session in sessions.json["sessions"]] == [True]
+        assert login(stale, ALICE | {"password": NEW})  # the new one works at once everywhere
+
+
+def test_a_login_between_the_sessions_ending_and_the_file_written_ends_too(
+    users_file, redis_url, redis_client, monkeypatch
+):
+    # The change ends the other sessions first (if the store fails, nothing changes), then
+    # writes the file. A login on another worker in between still finds the old password
+    # there: its session must end with the others.
+    config = TEST_CONFIG | {"USERS_FILE": str(users_file), "REDIS_URL": redis_url}
+    changer, other = create_app(config), create_app(config).test_client()
+    store, in_between = changer.extensions["store"], []
+    end_all = store.end_all
+
+    def then_a_login(*args, **kwargs):
+        ended = end_all(*args, **kwargs)
+        if not in_between:  # the first ending, before the write
+            in_between.append(login(other))
+        return ended
+
+    monkeypatch.setattr(store, "end_all", then_a_login)
+    mine = login(changer.test_client())
+    assert change(changer.test_client(), mine).status_code == 204
+    assert me(other, in_between[0]).status_code == 401
+    refreshed = other.post("/token", json={"refreshToken": in_between[0]["refreshToken"]})
+    assert refreshed.status_code == 403
+    assert me(other, mine).status_code == 200
 
 
 def test_under_granian_workers_the_callers_session_outlives_every_workers_reread(

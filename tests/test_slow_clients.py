@@ -198,8 +198,13 @@ def chunked(body):
         ([LOGIN_HEAD + chunked(EXACTLY_64_KIB + b" ")], 413),
     ],
     ids=[
-        "in-pieces", "chunked", "length-over-64-KiB", "chunked-over-64-KiB",
-        "length-of-64-KiB", "chunked-of-64-KiB", "chunked-of-64-KiB-and-1",
+        "in-pieces",
+        "chunked",
+        "length-over-64-KiB",
+        "chunked-over-64-KiB",
+        "length-of-64-KiB",
+        "chunked-of-64-KiB",
+        "chunked-of-64-KiB-and-1",
     ],  # fmt: skip
 )
 def test_a_body_in_time_is_served_and_one_too_large_refused(production, pieces, status):
