@@ -73,12 +73,17 @@ def json_body() -> dict[str, Any]:
         )
     try:
         # RFC 8259 §8.1: JSON between systems is UTF-8; json.loads alone would take UTF-16 too.
-        body = json.loads(read_body().decode("utf-8"))
+        body = json.loads(read_body().decode("utf-8"), parse_constant=not_json)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
         raise APIError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_body", "The request body must be a JSON object.")
     return body
+
+
+def not_json(constant: str) -> None:
+    """Refuse NaN, Infinity and -Infinity, which Python's parser takes and RFC 8259 §6 does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def form_body() -> MultiDict[str, str]:

@@ -235,6 +235,12 @@ TOO_LARGE = json.dumps({"email": "x" * 70_000, "password": "p"})
             {"error": "invalid_json", "message": "The request body is not valid JSON."},
         ),
         (
+            '{"email": "a@example.com", "password": "x", "n": NaN}',
+            "application/json",
+            400,
+            {"error": "invalid_json", "message": "The request body is not valid JSON."},
+        ),
+        (
             "[1, 2]",
             "application/json",
             400,
@@ -265,7 +271,7 @@ TOO_LARGE = json.dumps({"email": "x" * 70_000, "password": "p"})
             },
         ),
     ],
-    ids=["malformed", "array", "null", "form", "too-large"],
+    ids=["malformed", "nan", "array", "null", "form", "too-large"],
 )
 def test_bad_bodies(client, path, data, content_type, status, body):
     response = client.post(path, data=data, content_type=content_type)
