@@ -81,16 +81,16 @@ def login() -> Response:
     user = users.authenticate(email, password)
     if user is None:
         raise wrong_credentials()
-    guard.succeeded(email, address)
     now = int(time.time())
     user_agent = request.headers.get("User-Agent", "")[:MAX_USER_AGENT]
     session = get_policy().new_session(user.id, now, user_agent, address)
     for evicted in get_store().start(session, now):
         # OWASP Session Management Cheat Sheet: a cap on sessions per user; the oldest goes.
         audit("session_evicted", user=user.id, session=evicted[:8])
-    if not users.still_holds(user, password):  # changed meanwhile, elsewhere
+    if not users.still_holds(user, password):  # changed meanwhile by another process
         get_store().end(session.id, user.id, now)
         raise wrong_credentials()
+    guard.succeeded(email, address)
     audit("login_succeeded", user=user.id, session=session.id[:8])
     return token_response(session, now)
 
