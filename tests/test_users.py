@@ -578,6 +578,29 @@ def test_passwd_and_remove_with_redis_end_the_sessions_in_it(cli, users_file, re
     assert store.get(session.id, session.user_id, now) is None
 
 
+def test_passwd_ends_a_session_started_between_its_first_ending_and_the_write(
+    cli, users_file, redis_client, monkeypatch
+):
+    # A server that had not yet seen the change could start one with the old password then.
+    from redis_store import RedisStore
+
+    store = cli.app.extensions["store"] = RedisStore(redis_client, Policy())
+    assert cli("add", "alice@example.com", input=TYPED_TWICE).exit_code == 0
+    now, end_all, in_between = int(time.time()), store.end_all, []
+
+    def then_a_session(user_id, keep=None):
+        ended = end_all(user_id, keep)
+        if not in_between:  # the first ending, before the file is written
+            in_between.append(Policy().new_session(user_id, now, "curl", "127.0.0.1"))
+            store.start(in_between[0], now)
+        return ended
+
+    monkeypatch.setattr(store, "end_all", then_a_session)
+    result = cli("passwd", "alice@example.com", input="a brand new passphrase\n" * 2)
+    assert result.exit_code == 0, result.output
+    assert store.get(in_between[0].id, in_between[0].user_id, now) is None
+
+
 def test_passwd_when_the_store_does_not_answer_changes_nothing(cli, users_file, own_redis):
     from redis_store import REDIS_OPTIONS, RedisStore
 
