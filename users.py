@@ -349,8 +349,8 @@ class Users:
         changed the password since this process last looked (once a second): the session of
         the old password then ends at once, rather than outlive the change that was to end it.
         """
-        if self._path is None or user.id not in self._accounts.in_file:
-            return True  # in memory only: it never changes
+        if self._path is None or user.email in self._in_memory:
+            return True  # in memory only (the demo's): it never changes
         with self._lock:
             self._reread(self._path)
         now = self._accounts.by_id.get(user.id)
@@ -716,6 +716,7 @@ def remove_user(email: str) -> None:
             raise click.ClickException(f"{path} has no account for {email}.")
         del lines[account[0] - 1]
         ended = _end_sessions(email)  # OWASP ASVS 3.3.3: the account's sessions end with it
+    _end_sessions_again(email)
     click.echo(f"Removed {email} from {path}. {ended}")
 
 

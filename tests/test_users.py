@@ -8,6 +8,7 @@ import time
 import argon2
 import pytest
 import redis
+import time_machine
 from flask import Flask
 from werkzeug.security import generate_password_hash
 
@@ -124,6 +125,29 @@ def test_the_well_known_demo_password_costs_no_hash_at_start(monkeypatch):
     monkeypatch.setattr(users, "PASSWORD_HASHER", cheap)
     demo = create_app(TEST_CONFIG).extensions["users"].fresh().by_email[DEMO["email"]]
     assert not cheap.check_needs_rehash(demo.password_hash)
+
+
+@pytest.mark.parametrize("seen_first", [False, True], ids=["unseen", "seen-by-another-thread"])
+def test_a_password_that_verified_no_longer_holds_once_the_file_says_otherwise(
+    tmp_path, seen_first
+):
+    # What a login asks once its session is started (Users.still_holds): the file may have
+    # changed since the password was checked, and another thread may have read it already.
+    path = tmp_path / "users.txt"
+    path.write_text(f"alice@example.com:{users.hash_password(PASSWORD)}\nbob@example.com:"
+                    f"{users.hash_password(PASSWORD)}\n")  # fmt: skip
+    accounts = Users.load(str(path), required=True, log=LOG)
+    alice, bob = (
+        accounts.authenticate(f"{name}@example.com", PASSWORD) for name in ("alice", "bob")
+    )
+    assert accounts.still_holds(alice, PASSWORD) and accounts.still_holds(bob, PASSWORD)
+    path.write_text(f"bob@example.com:{users.hash_password('another long passphrase')}\n")
+    if seen_first:  # another thread's look, a second on
+        with time_machine.travel(time.time() + 2 * users.RELOAD_INTERVAL):
+            assert alice.id not in accounts.fresh().by_id
+    assert not accounts.still_holds(alice, PASSWORD)  # removed
+    assert not accounts.still_holds(bob, PASSWORD)  # changed
+    assert accounts.still_holds(accounts.get(bob.id), "another long passphrase")
 
 
 def test_logs_in_case_insensitively_and_finds_the_user_by_id():
