@@ -28,6 +28,7 @@ from settings import ConfigError
 from store import get_store
 
 MAX_BODY = 64 * 1024
+BODY = "web.body"  # the WSGI environ's key of the body, once read
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 # The audit trail: bare JSON lines on stderr, apart from Flask's log, so tools can parse them.
 # Written to the stream itself: a logging record costs five times the line (bench/README.md).
@@ -59,10 +60,13 @@ def init_app(app: Flask) -> None:
 
 
 def refuse_large_bodies() -> None:
-    """Refuse a Content-Length over MAX_BODY on any route, before anything else is checked:
-    a route that reads no body would otherwise answer as if it had none."""
+    """Refuse a body over MAX_BODY on any route, before anything else is checked: a route
+    that reads no body would otherwise answer as if it had none. A chunked body has no
+    length to tell, so it is read here (read_body keeps it for the route)."""
     if (request.content_length or 0) > MAX_BODY:
         raise body_too_large()
+    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        read_body()
 
 
 def json_body() -> dict[str, Any]:
@@ -103,6 +107,8 @@ def read_body() -> bytes:
     chunked body has none: reading one byte past the bound tells a body that fits from one
     that was cut.
     """
+    if (body := request.environ.get(BODY)) is not None:
+        return body  # read before the route (refuse_large_bodies)
     stream, chunks, size = request.stream, [], 0
     while size <= MAX_BODY:
         chunk = stream.read(MAX_BODY + 1 - size)
@@ -112,7 +118,8 @@ def read_body() -> bytes:
         size += len(chunk)
     if size > MAX_BODY:
         raise body_too_large()
-    return b"".join(chunks)
+    body = request.environ[BODY] = b"".join(chunks)
+    return body
 
 
 def text_field(body: dict[str, Any], name: str, max_length: int = MAX_BODY) -> str:

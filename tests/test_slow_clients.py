@@ -196,6 +196,10 @@ def chunked(body):
         ([LOGIN_HEAD + b"Content-Length: 65536\r\n\r\n" + EXACTLY_64_KIB], 400),  # {}: read
         ([LOGIN_HEAD + chunked(EXACTLY_64_KIB)], 400),
         ([LOGIN_HEAD + chunked(EXACTLY_64_KIB + b" ")], 413),
+        (
+            [LOGIN_HEAD.replace(b"POST /login", b"GET /healthz") + chunked(EXACTLY_64_KIB + b" ")],
+            413,
+        ),
     ],
     ids=[
         "in-pieces",
@@ -205,6 +209,7 @@ def chunked(body):
         "length-of-64-KiB",
         "chunked-of-64-KiB",
         "chunked-of-64-KiB-and-1",
+        "chunked-of-64-KiB-and-1-to-a-route-of-no-body",
     ],  # fmt: skip
 )
 def test_a_body_in_time_is_served_and_one_too_large_refused(production, pieces, status):
