@@ -140,7 +140,7 @@ def logout() -> Response:
     except InvalidToken:
         pass  # Logging out is idempotent: an unknown or spent token has no session to end.
     else:
-        end_sessions(claims, scope)
+        scope = end_sessions(claims, scope)  # "local" for a spent token: its session ends
     return logged_out(cookies_stay=scope == "others")
 
 

@@ -50,8 +50,9 @@ def logout_scope(body: dict[str, Any]) -> str:
     return scope
 
 
-def end_sessions(claims: dict[str, Any], scope: str) -> None:
-    """End the sessions a logout of this scope names, starting from the token's session."""
+def end_sessions(claims: dict[str, Any], scope: str) -> str:
+    """End the sessions a logout of this scope names, starting from the token's session;
+    return the scope that was applied."""
     store, now = get_store(), int(time.time())
     user_id, sid = claims["sub"], claims["sid"]
     session = store.get(sid, user_id, now)
@@ -66,6 +67,7 @@ def end_sessions(claims: dict[str, Any], scope: str) -> None:
     audit("logout", user=user_id, session=sid[:8], scope=scope)
     for other in ended:
         audit("session_ended", user=user_id, session=other[:8], reason=f"logout_{scope}")
+    return scope
 
 
 def describe(session: Session, current_sid: str) -> dict[str, Any]:

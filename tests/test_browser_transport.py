@@ -183,6 +183,26 @@ def test_cookie_logout_ends_the_session_and_clears_the_cookies(cookie_client):
     assert cookie_client.post("/token", json=COOKIE).status_code == 403
 
 
+def test_a_spent_cookie_logging_out_the_others_ends_its_own_session_and_clears_the_cookies(
+    client,
+):
+    # Reuse (a copied cookie, shown past the grace window) ends the token's own session, not
+    # the others: that session is over, so its cookies go too, whatever scope was asked.
+    with time_machine.travel(1_900_000_000, tick=False) as clock:
+        assert client.post("/login", json=COOKIE_LOGIN).status_code == 200
+        spent = client.get_cookie("refresh_token", path="/logout").value
+        assert client.post("/token", json=COOKIE, headers=csrf_header(client)).status_code == 200
+        clock.shift(15)
+        for path in ("/token", "/logout"):
+            client.set_cookie("refresh_token", spent, path=path)
+        body = COOKIE | {"scope": "others"}
+        response = client.post("/logout", json=body, headers=csrf_header(client))
+    assert response.status_code == 204
+    for name in ("refresh_token", "csrf_token"):
+        cleared = set_cookies(response, name)
+        assert cleared and all(cookie["max-age"] == "0" for cookie in cleared)
+
+
 def test_cookie_logout_needs_the_csrf_token(cookie_client):
     assert cookie_client.post("/logout", json=COOKIE).status_code == 403
     page = csrf_header(cookie_client)
