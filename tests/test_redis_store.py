@@ -21,6 +21,7 @@ from .conftest import (
     TEST_CONFIG,
     WITH_DEMO,
     call,
+    eventually,
     free_port,
     granian,
     refresh_body,
@@ -376,10 +377,27 @@ def survives_a_failover(base, kill_master, sync_replicas):
     for status, retry_after, body in traffic.answers:
         if status == 503:
             assert (retry_after, body) == ("5", STORE_UNAVAILABLE)
-    for tokens in sessions:  # every session was replicated: each lives on
-        assert call(base, "GET", "/me", token=tokens["accessToken"])[0] == 200
-        assert call(base, "POST", "/token", refresh_body(tokens))[0] == 200
+    # Every session was replicated: each lives on. The traffic's connection was one worker's;
+    # the other may meet the dead master at its own first request after, a 503 as well.
+    for tokens in sessions:
+        for statuses in (
+            past_503s(base, "GET", "/me", token=tokens["accessToken"]),
+            past_503s(base, "POST", "/token", refresh_body(tokens)),
+        ):
+            assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
     assert call(base, "POST", "/login", DEMO)[0] == 200
+
+
+def past_503s(base, method, path, body=None, token=None):
+    """Call until the answer is not a 503, within RECOVERY; return every status answered."""
+    statuses = []
+
+    def answered():
+        statuses.append(call(base, method, path, body, token=token)[0])
+        return statuses[-1] != 503
+
+    eventually(answered, RECOVERY)
+    return statuses
 
 
 def test_a_sentinel_failover_mid_traffic_is_503_then_service_with_every_session(
@@ -426,7 +444,9 @@ def test_every_cluster_node_gone_is_a_503_never_a_500(tmp_path):
         # `flask users remove` cannot end the account's sessions: it says so, and keeps it.
         removed = app.test_cli_runner().invoke(args=["users", "remove", "alice@example.com"])
         assert removed.exit_code == 1
-        assert "The session store does not answer (RedisClusterException)" in removed.output
+        # RedisClusterException, or ConnectionError for a node whose socket was still known.
+        assert "The session store does not answer (" in removed.output
+        assert "nothing changed." in removed.output and "Traceback" not in removed.output
         assert "alice@example.com:" in users_file.read_text()
         answers = [
             client.post("/login", json=DEMO),
