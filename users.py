@@ -96,7 +96,7 @@ def hash_password(password: str) -> str:
 
 def decoy_hash() -> str:
     """Return DECOY_HASH, or where PASSWORD_HASHER's parameters are others, a decoy of theirs."""
-    if PASSWORD_HASHER.check_needs_rehash(DECOY_HASH):
+    if _needs_rehash(DECOY_HASH):
         return hash_password(secrets.token_urlsafe(16))
     return DECOY_HASH
 
@@ -104,7 +104,7 @@ def decoy_hash() -> str:
 def in_memory_hash(password: str) -> str:
     """Return the hash of an in-memory account's password: DEMO_HASH for the demo's public
     password at PASSWORD_HASHER's parameters, else a new one with a salt of its own."""
-    if password == DEMO_PASSWORD and not PASSWORD_HASHER.check_needs_rehash(DEMO_HASH):
+    if password == DEMO_PASSWORD and not _needs_rehash(DEMO_HASH):
         return DEMO_HASH
     return hash_password(password)
 
@@ -262,17 +262,18 @@ class Users:
         users._accounts = users._with_memory(_accounts(path, lines), stamp)
         return users
 
-    def fresh(self) -> Accounts:
+    def fresh(self, look_now: bool = False) -> Accounts:
         """Return the accounts, read again if USERS_FILE changed since the last look.
 
         One thread a second looks (one stat); the others meanwhile go on with what is there.
+        ``look_now`` looks at once, after any look or write under way (still_holds).
         """
-        if self._path is None or not self._look_due():
+        if self._path is None or not (look_now or self._look_due()):
             return self._accounts
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=look_now):
             return self._accounts  # another thread is looking, or writing
         try:
-            if self._look_due():
+            if look_now or self._look_due():
                 self._looked_at = time.time()
                 self._reread(self._path)
         finally:
@@ -351,9 +352,7 @@ class Users:
         """
         if self._path is None or user.email in self._in_memory:
             return True  # in memory only (the demo's): it never changes
-        with self._lock:
-            self._reread(self._path)
-        now = self._accounts.by_id.get(user.id)
+        now = self.fresh(look_now=True).by_id.get(user.id)
         if now is None:
             return False  # removed meanwhile
         if now.password_hash == user.password_hash:
