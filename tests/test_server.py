@@ -278,18 +278,23 @@ def test_bad_bodies(client, path, data, content_type, status, body):
     assert (response.status_code, response.json) == (status, body)
 
 
+def framed(body, framing):
+    """The test client's arguments for a body sent with a Content-Length, or chunked as a
+    server passes one on: no Content-Length, the input terminated."""
+    if framing == "content-length":
+        return {"data": body}
+    return {
+        "input_stream": io.BytesIO(body),
+        "headers": {"Transfer-Encoding": "chunked"},
+        "environ_overrides": {"wsgi.input_terminated": True},
+    }
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 @pytest.mark.parametrize(("size", "status"), [(64 * 1024, 400), (64 * 1024 + 1, 413)])
 def test_a_body_of_64_kib_is_read_and_one_byte_more_is_413(client, framing, size, status):
     body = b"{" + b" " * (size - 2) + b"}"  # {}: read whole, it lacks its fields
-    if framing == "chunked":  # as a server passes one on: no Content-Length, input terminated
-        framed = {
-            "input_stream": io.BytesIO(body),
-            "environ_overrides": {"wsgi.input_terminated": True},
-        }
-    else:
-        framed = {"data": body}
-    response = client.post("/login", content_type="application/json", **framed)
+    response = client.post("/login", content_type="application/json", **framed(body, framing))
     assert response.status_code == status
     assert response.json["error"] == (
         "invalid_field" if status == 400 else "request_entity_too_large"
@@ -307,11 +312,7 @@ def test_any_body_over_64_kib_is_413_on_any_route_whatever_its_type(
 ):
     # Before anything else is checked: the size is the first thing a body is refused for.
     body = b"x" * (64 * 1024 + 1)
-    framed = {"data": body}
-    if framing == "chunked":  # as a server passes one on: no Content-Length, input terminated
-        framed = {"input_stream": io.BytesIO(body), "headers": {"Transfer-Encoding": "chunked"},
-                  "environ_overrides": {"wsgi.input_terminated": True}}  # fmt: skip
-    response = client.open(path, method=method, content_type=content_type, **framed)
+    response = client.open(path, method=method, content_type=content_type, **framed(body, framing))
     assert (response.status_code, response.json["error"]) == (413, "request_entity_too_large")
 
 
