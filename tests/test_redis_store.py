@@ -377,15 +377,18 @@ def survives_a_failover(base, kill_master, sync_replicas):
     for status, retry_after, body in traffic.answers:
         if status == 503:
             assert (retry_after, body) == ("5", STORE_UNAVAILABLE)
-    # Every session was replicated: each lives on. The traffic's connection was one worker's;
-    # the other may meet the dead master at its own first request after, a 503 as well.
+    # Every session was replicated: each lives on, and a new one is made. The traffic's
+    # connection was one worker's; the other may meet the dead master at its own first request
+    # after, a 503 as well, and again until its client's next refresh of the map is due
+    # (redis-py refreshes it at most once a second).
     for tokens in sessions:
         for statuses in (
             past_503s(base, "GET", "/me", token=tokens["accessToken"]),
             past_503s(base, "POST", "/token", refresh_body(tokens)),
         ):
             assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
-    assert call(base, "POST", "/login", DEMO)[0] == 200
+    statuses = past_503s(base, "POST", "/login", DEMO)
+    assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
 
 
 def past_503s(base, method, path, body=None, token=None):
