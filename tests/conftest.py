@@ -235,13 +235,21 @@ def stop_group(process, grace=3):
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
 
 
+# Python runs tests/cheap_hashing/sitecustomize.py in a process whose PYTHONPATH names its
+# folder: its passwords are hashed as in this one (fast_password_hashing). REAL_HASHING, one
+# of a server's settings, leaves the folder out.
+CHEAP_HASHING = ROOT / "tests" / "cheap_hashing"
+REAL_HASHING = {"PYTHONPATH": str(ROOT)}
+
+
 def user_env(**settings):
-    """The environment of a fresh shell, with only the given settings and the code on the path."""
+    """The environment of a fresh shell, with only the given settings and the code on the path
+    (and cheap password hashing: CHEAP_HASHING)."""
     env = {key: os.environ[key] for key in INHERITED if key in os.environ}
     # This venv's python3 first, as in a shell that activated it: a `python3` the scripts
     # run is then the interpreter itself, not a version manager's shim around it.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
-    return env | {"PYTHONPATH": str(ROOT)} | settings
+    return env | {"PYTHONPATH": os.pathsep.join([str(CHEAP_HASHING), str(ROOT)])} | settings
 
 
 @pytest.fixture
