@@ -1,5 +1,6 @@
 """/metrics across processes: granian's workers add up, and a real Prometheus scrapes them."""
 
+import collections
 import contextlib
 import json
 import os
@@ -52,6 +53,11 @@ def login_pids(log_path):
     return {line["pid"] for line in lines if line["audit"] == "login_succeeded"}
 
 
+def started_workers(log_path):
+    """How many times granian has said a worker started: a respawned one says it again."""
+    return len(re.findall(r"Started worker-\d+$", log_path.read_text(), re.M))
+
+
 def spread_logins(base, log_path, at_least=10):
     """Log in until both workers have served some logins; return how many succeeded."""
     count = 0
@@ -95,15 +101,21 @@ def test_the_counts_of_a_worker_that_died_stay_in_the_totals(start_cluster, tmp_
     respawn = {"GRANIAN_RESPAWN_FAILED_WORKERS": "true", "GRANIAN_RESPAWN_INTERVAL": "0.1"}
     base, log_path = start_cluster(TMPDIR=str(tmp_path), **respawn)
     count = spread_logins(base, log_path, at_least=6)
-    before = login_pids(log_path)
+    before, started = login_pids(log_path), started_workers(log_path)
     os.kill(min(before), signal.SIGKILL)
+    # Log in once the worker in its place has started: until then every login lands on the
+    # other worker, and enough of them reach the login limits (then none succeeds).
+    assert eventually(lambda: started_workers(log_path) > started, seconds=30)
     deadline = time.monotonic() + 30
+    answers = collections.Counter()
     while not login_pids(log_path) - before:  # until the worker in its place has served
-        assert time.monotonic() < deadline, "no worker took the dead one's place"
+        assert time.monotonic() < deadline, f"no worker took the dead one's place: {answers}"
         try:
-            count += call(base, "POST", "/login", DEMO)[0] == 200
-        except OSError:  # a connection the dead worker had accepted
-            continue
+            answer = call(base, "POST", "/login", DEMO)[0]
+        except OSError as error:  # a connection the dead worker had accepted
+            answer = type(error).__name__
+        answers[answer] += 1
+        count += answer == 200
     for _ in range(10):
         assert succeeded(scrape(base)) == count
 
