@@ -21,7 +21,7 @@ import redis
 
 from server import create_app
 
-from .topology import Binaries, RedisClusterNodes, RedisSentinelGroup
+from .topology import Binaries, RedisClusterNodes, RedisSentinelGroup, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_SECRET = "test-access-secret-0123456789abcdef"
@@ -94,12 +94,6 @@ class AuthActions:
 @pytest.fixture
 def auth_actions(client):
     return AuthActions(client)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port, process, timeout=15.0):

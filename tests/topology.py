@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import itertools
 import os
 import platform
 import shutil
@@ -131,19 +132,35 @@ def _valkey_package_bin():
     return None
 
 
+# The ports a test's servers listen on. bind(0) would hand out a port that two xdist workers
+# may both be told is free before either server binds it, and granian listens with
+# SO_REUSEPORT: two servers would then share the port and its connections. So each worker
+# hands out the ports of a block of its own, in turn, below the kernel's ephemeral ports
+# (32768 and up, where bind(0) and the tests' client connections take theirs), and skips
+# any a process holds.
+FIRST_PORT, LAST_PORT = 10000, 30000
+_handed_out = itertools.count()
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A port no other process holds and no other worker of this run is handed."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    block = (LAST_PORT - FIRST_PORT) // workers
+    for _ in range(block):
+        port = FIRST_PORT + worker * block + next(_handed_out) % block
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:  # held by a server of this run, or another program
+                continue
+            return port
+    raise TopologyError("no free port in this worker's block")
 
 
 def free_ports(count):
-    """`count` distinct free ports (held open together, so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in socks]
+    """`count` distinct free ports."""
+    return [free_port() for _ in range(count)]
 
 
 def die_with_parent():
