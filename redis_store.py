@@ -199,12 +199,13 @@ return evicted
 """
 )
 
-# KEYS: the index, the session. ARGV: prefix, now, sid, jti, new jti, ip, grace, idle ttl,
-# then the names of FIELDS. Returns {outcome}, or {outcome, the session's FIELDS after}, where
-# the outcome is 0 unknown, 1 reused, 2 rotated, 3 a forgiven retry. Which token counts is the
-# rule of Policy.accepts in store.py, its twin.
+# KEYS: the index, the session. ARGV: prefix, now, sid, jti, new jti, ip, grace, idle ttl.
+# Returns {outcome}, or {outcome, the session's FIELDS after}, where the outcome is 0 unknown,
+# 1 reused, 2 rotated, 3 a forgiven retry. Which token counts is the rule of Policy.accepts in
+# store.py, its twin. The names of FIELDS are written into the script, not sent with each call.
 ROTATE_SCRIPT = (
     COMMON
+    + f"local FIELDS = {{{', '.join(repr(name) for name in FIELDS)}}}\n"
     + """
 local sid, jti = ARGV[3], ARGV[4]
 if not alive(sid) then drop(sid) return {0} end
@@ -219,11 +220,11 @@ if jti == current then
     redis.call('EXPIREAT', key(sid), deadline)
     touch(sid)
     expire_with(deadline)
-    return {2, unpack(redis.call('HMGET', key(sid), unpack(ARGV, 9)))}
+    return {2, unpack(redis.call('HMGET', key(sid), unpack(FIELDS)))}
 end
 local grace = tonumber(ARGV[7])
 if jti == prev and grace > 0 and now - tonumber(used) <= grace then
-    return {3, unpack(redis.call('HMGET', key(sid), unpack(ARGV, 9)))}
+    return {3, unpack(redis.call('HMGET', key(sid), unpack(FIELDS)))}
 end
 drop(sid)
 return {1}
@@ -307,8 +308,8 @@ class RedisStore(Store):
         self, sid: str, jti: str, *, new_jti: str, user: str, now: int, ip: str
     ) -> tuple[Rotation, Session | None]:
         policy = self._policy
-        args: list[Any] = [self._sessions(user), now, sid, jti, new_jti, ip, policy.grace]
-        args += [policy.idle_ttl, *FIELDS]
+        args: list[Any] = [self._sessions(user), now, sid, jti, new_jti, ip]
+        args += [policy.grace, policy.idle_ttl]
         keys = [self._index(user), self._key(user, sid)]
         outcome, *values = self._rotate(keys=keys, args=args)
         if not values:
