@@ -6,16 +6,18 @@
     python bench/run.py --peers --sessions 0 --rounds 3   # each row 3 times: medians
     python bench/run.py --peers --redis-url redis://127.0.0.1:6379/13   # and ours on Redis
     python bench/run.py --redis-url redis://127.0.0.1:6379/13 --local-cluster  # and a Cluster
+    python bench/run.py --peers --local-redis --local-cluster   # a Redis and a Cluster of its own
     python bench/run.py --redis-url redis+cluster://10.0.0.1:7000,10.0.0.2:7000  # any Cluster
     python bench/run.py --servers granian,gunicorn --sessions 0 --duration 10
     python bench/run.py --peer-cmd "name=node server.js"          # any peer, started here
     python bench/run.py --peer name=http://127.0.0.1:3200          # any peer, running
 
-The server is pinned to core 0 and wrk to core 1. For each N, our server starts afresh and
-its worker builds the app with create_app and fills its store (bench/app.py). --peers adds
-the peers in bench/peers/ (see bench/README.md). A peer started here gets PORT (also {port}
-in its command), SEED_SESSIONS=N and the two secrets in its environment; one that fails to
-start is reported and skipped. A run writes its report to bench/results/runs/<time>/ after
+The server is pinned to core 0 and wrk to core 1, and so are the Redis servers the run starts
+itself (--local-redis, --local-cluster): on core 1, as if on a machine of their own. For each
+N, our server starts afresh and its worker builds the app with create_app and fills its
+store (bench/app.py). --peers adds the peers in bench/peers/ (see bench/README.md). A peer
+started here gets PORT (also {port} in its command), SEED_SESSIONS=N and the two secrets in
+its environment; one that fails to start is reported and skipped. A run writes its report to bench/results/runs/<time>/ after
 every row, or to bench/results/ itself with --update.
 """
 
@@ -55,6 +57,7 @@ WARMUP_SECONDS = 2
 CHAINS = 64  # refresh-token chains per wrk run; more than its connections (bench/app.py)
 BIN = shlex.quote(str(Path(sys.executable).parent))  # granian and gunicorn, from this venv
 
+SERVER_CORE, WRK_CORE = "0", "1"  # the server measured, and the load and the Redis servers
 THREADS = 2  # granian's blocking threads, for ours and for the Python peers alike
 GRANIAN = (
     BIN + "/granian --interface wsgi --factory --workers 1 --blocking-threads {threads} "
@@ -96,6 +99,8 @@ def main() -> None:
 def measure_all(args: argparse.Namespace, results: "Results") -> None:
     """Every row: for each N, ours, ours on each Redis (smallest N only), then each peer."""
     with ExitStack() as stack:
+        if args.local_redis:
+            args.redis_url.append(stack.enter_context(local_redis()))
         if args.local_cluster:
             args.redis_url.append(stack.enter_context(local_cluster()))
         measure_rows(args, results)
@@ -157,6 +162,11 @@ def parse_args() -> argparse.Namespace:
         "--local-cluster",
         action="store_true",
         help="start a three-master Redis Cluster on loopback (tests/topology.py) for a row",
+    )
+    parser.add_argument(
+        "--local-redis",
+        action="store_true",
+        help="start a Redis server on loopback, pinned to wrk's core, for a row",
     )
     parser.add_argument("--smoke", action="store_true", help="N=1000, 2 s: that it runs")
     parser.add_argument(
@@ -285,7 +295,7 @@ def serving(launch: Launch) -> Iterator[str]:
     """Start the server on core 0, yield its URL once it is ready, stop it afterwards."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            ["taskset", "-c", "0", *launch.command],
+            ["taskset", "-c", SERVER_CORE, *launch.command],
             env=os.environ | launch.env,
             cwd=ROOT,
             stdout=log,
@@ -391,11 +401,34 @@ def hide_password(url: str) -> str:
 
 
 @contextmanager
+def local_redis() -> Iterator[str]:
+    """One Redis server on loopback for the run, on wrk's core; yield its URL."""
+    from tests.topology import COMMON_ARGS, Binaries, Node, free_port, wait_until
+
+    with tempfile.TemporaryDirectory() as folder:
+        port = free_port()
+        command = ["taskset", "-c", WRK_CORE, Binaries.find().server, "--port", str(port)]
+        node = Node(port, folder, [*command, *COMMON_ARGS])
+        node.start()
+        try:
+            wait_until(node.ping, 30, f"redis-server on port {port}", [node.log])
+            print(f"bench: a local Redis at 127.0.0.1:{port}", file=sys.stderr)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            node.stop()
+            node.reap()
+
+
+@contextmanager
 def local_cluster() -> Iterator[str]:
-    """A three-master Redis Cluster on loopback, no replicas, for the run; yield its URL."""
+    """A three-master Redis Cluster on loopback, no replicas, for the run, its nodes on wrk's
+    core; yield its URL."""
     from tests.topology import RedisClusterNodes
 
     with tempfile.TemporaryDirectory() as folder, RedisClusterNodes(folder, replicas=0) as nodes:
+        for node in nodes.nodes.values():  # each thread of the running node
+            for thread in Path(f"/proc/{node.process.pid}/task").iterdir():
+                os.sched_setaffinity(int(thread.name), {int(WRK_CORE)})
         print(f"bench: a local Redis Cluster at {nodes.url}", file=sys.stderr)
         yield nodes.url
 
@@ -483,7 +516,7 @@ def drive(name: str, url: str, tokens: dict, args: argparse.Namespace) -> dict:
 
 def wrk(url: str, script: str, env: dict, *, connections: int, duration: int) -> dict:
     """Run one wrk on core 1; return its JSON line (bench/report.lua) with req/s added."""
-    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
+    command = ["taskset", "-c", WRK_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
     command += ["-s", str(BENCH / script), url]
     output = subprocess.run(
         command,
