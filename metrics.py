@@ -74,6 +74,9 @@ class Metrics:
         self.directory = directory  # the workers' files, or None for one process
         self.registry = CollectorRegistry()
         self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        # (route, method, status): the two series of such a request (answered). Bounded: the
+        # routes and statuses are the app's, and every method outside METHODS is OTHER.
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.declared = False  # every request series created (declare), at the first request
 
         def counter(name: str, summary: str, *labels: str) -> Counter:
@@ -176,20 +179,31 @@ class Metrics:
 
     def finished(self, response: Response) -> Response:
         """Count the request by route template, method and status class (after_request)."""
-        rule = request.url_rule
+        current = request._get_current_object()  # type: ignore[attr-defined]  # looked up once
+        rule = current.url_rule
         if rule is not None and rule.endpoint == SCRAPE:
             return response  # a scrape is not a request of the API
-        # The template (/sessions/<sid>), never the path; a method outside METHODS is "other".
+        # The template (/sessions/<sid>), never the path; a client's own method is OTHER.
         route = rule.rule if rule is not None else UNMATCHED
-        method = request.method
+        method = current.method
         if method not in METHODS:
             method = OTHER
-        status = f"{response.status_code // 100}xx"
-        self.series(self.requests, route, method, status).inc()
-        if (started := request.environ.get(STARTED)) is not None:
-            self.series(self.latency, route).observe(time.perf_counter() - started)
+        key = (route, method, response.status_code)
+        answered = self._answered.get(key)
+        if answered is None:
+            answered = self._answered[key] = self.answered(*key)
+        count, latency = answered
+        count.inc()
+        if (started := current.environ.get(STARTED)) is not None:
+            latency.observe(time.perf_counter() - started)
         self.count_answer(rule, response)
         return response
+
+    def answered(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        """Return the series that count a request to ``route`` with ``method`` answered with
+        ``status`` (by its class), and the one that times it."""
+        count = self.series(self.requests, route, method, f"{status // 100}xx")
+        return count, self.series(self.latency, route)
 
     def count_answer(self, rule: Rule | None, response: Response) -> None:
         """Count what only the answer tells: a busy login, a store error, an introspection."""
