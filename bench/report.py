@@ -45,9 +45,12 @@ def warmup(results: dict) -> str:
 
 
 def rounds(results: dict) -> str:
-    """How many times each row at the smallest N was measured, if more than once."""
+    """How many times each row at the smallest N (and ours at the largest) was measured, if
+    more than once."""
     count = results.get("rounds", 1)
-    return f"; {count} rounds at the smallest N, each target from the medians" if count > 1 else ""
+    if count < 2:
+        return ""
+    return f"; {count} rounds at the smallest N and of ours at the largest, targets from medians"
 
 
 def markdown(results: dict) -> str:

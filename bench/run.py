@@ -17,8 +17,8 @@ itself (--local-redis, --local-cluster): on core 1, as if on a machine of their 
 N, our server starts afresh and its worker builds the app with create_app and fills its
 store (bench/app.py). --peers adds the peers in bench/peers/ (see bench/README.md). A peer
 started here gets PORT (also {port} in its command), SEED_SESSIONS=N and the two secrets in
-its environment; one that fails to start is reported and skipped. A run writes its report to bench/results/runs/<time>/ after
-every row, or to bench/results/ itself with --update.
+its environment; one that fails to start is reported and skipped. A run writes its report to
+bench/results/runs/<time>/ after every row, or to bench/results/ itself with --update.
 """
 
 import argparse
@@ -127,10 +127,15 @@ def measure_rows(args: argparse.Namespace, results: "Results") -> None:
             rows.append((name, partial(measure_peer_cmd, name, command, sessions, args)))
         # The targets' ratios are taken at the smallest N: there, each row is measured in
         # every round, every other round in the reverse order, and the report takes medians.
-        rounds = args.rounds if sessions == min(args.sessions) else 1
+        # At the largest N only ours is, for the target of /token there against the smallest.
+        smallest = sessions == min(args.sessions)
+        largest = sessions == max(args.sessions) and not smallest
+        rounds = args.rounds if smallest or largest else 1
         for round_ in range(1, rounds + 1):
-            for name, measure in rows if round_ % 2 else rows[::-1]:
-                results.measure(name, measure, round_=round_ if rounds > 1 else 0)
+            measured = rows if smallest or round_ == 1 else rows[:1]
+            for name, measure in measured if round_ % 2 else measured[::-1]:
+                several = rounds > 1 and (smallest or name == rows[0][0])
+                results.measure(name, measure, round_=round_ if several else 0)
     for name, url in args.peer:
         results.measure(name, partial(measure_peer, name, url, None, args))
     if not args.smoke:
@@ -176,8 +181,8 @@ def parse_args() -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="measure each row at the smallest N this many times, in alternating order; "
-        "the targets take each row's median (a noisy machine: 3 or 5)",
+        help="measure each row at the smallest N this many times, in alternating order, and "
+        "ours at the largest N; the targets take each row's median (a noisy machine: 3 or 5)",
     )
     parser.add_argument("--update", action="store_true", help="write to bench/results/")
     args = parser.parse_args()
