@@ -1,5 +1,6 @@
 """One suite for every store: sessions, rotation, the grace window, ending, idle and cap."""
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -9,7 +10,7 @@ import pytest
 import redis
 
 from redis_store import REDIS_OPTIONS, RedisStore, connect, parse_url
-from store import MemoryStore, Policy, Rotation
+from store import MemoryStore, Policy, Rotation, Session
 
 from .conftest import ROOT, SECRETS, user_env
 
@@ -64,6 +65,30 @@ def test_new_ids_are_128_bits_of_base64url():
     session = POLICY.new_session("alice", NOW, "", "")
     assert len(session.id) >= 22 and len(session.jti) >= 22
     assert session.id != session.jti
+
+
+def test_a_session_copy_is_equal_in_every_field_and_its_own_object():
+    session = POLICY.new_session("alice", NOW, "curl/8", "10.0.0.1")
+    session.previous_jti = "spent"  # every field, the defaulted one too, set
+    copy = session.copy()
+    assert copy == session and copy is not session
+    assert [getattr(copy, f.name) for f in dataclasses.fields(Session)] == [
+        getattr(session, f.name) for f in dataclasses.fields(Session)
+    ]
+
+
+def test_what_the_store_returns_is_the_callers_own(store):
+    # Changing a session the store returned changes nothing stored, and a later rotation
+    # (another request's) does not change what an earlier caller holds.
+    session, _ = begin(store)
+    _, rotated = rotate(store, session, session.jti, new_jti="second")
+    held = get(store, session)
+    for returned in (rotated, *store.sessions("alice", NOW)):
+        returned.jti, returned.expires_at = "changed", NOW
+    assert get(store, session).jti == "second" and get(store, session).live(NOW)
+    rotate(store, session, "second", now=NOW + 20, new_jti="third")
+    assert (held.jti, held.last_used_at) == ("second", NOW)
+    assert get(store, session, NOW + 20).jti == "third"
 
 
 def test_rotation_replaces_the_current_token(store):
