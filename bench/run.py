@@ -410,9 +410,11 @@ def local_redis() -> Iterator[str]:
     """One Redis server on loopback for the run, on wrk's core; yield its URL."""
     from tests.topology import COMMON_ARGS, Binaries, Node, free_port, wait_until
 
+    if (binaries := Binaries.find()) is None:
+        sys.exit("bench: --local-redis needs redis-server and redis-cli on PATH")
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        command = ["taskset", "-c", WRK_CORE, Binaries.find().server, "--port", str(port)]
+        command = ["taskset", "-c", WRK_CORE, binaries.server, "--port", str(port)]
         node = Node(port, folder, [*command, *COMMON_ARGS])
         node.start()
         try:
