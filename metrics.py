@@ -188,11 +188,7 @@ class Metrics:
         method = current.method
         if method not in METHODS:
             method = OTHER
-        key = (route, method, response.status_code)
-        answered = self._answered.get(key)
-        if answered is None:
-            answered = self._answered[key] = self.answered(*key)
-        count, latency = answered
+        count, latency = self.answered(route, method, response.status_code)
         count.inc()
         if (started := current.environ.get(STARTED)) is not None:
             latency.observe(time.perf_counter() - started)
@@ -200,10 +196,15 @@ class Metrics:
         return response
 
     def answered(self, route: str, method: str, status: int) -> tuple[Any, Any]:
-        """Return the series that count a request to ``route`` with ``method`` answered with
-        ``status`` (by its class), and the one that times it."""
-        count = self.series(self.requests, route, method, f"{status // 100}xx")
-        return count, self.series(self.latency, route)
+        """Return the series that counts a request to ``route`` with ``method`` answered with
+        ``status`` (by its class), and the one that times it; the pair looked up once and
+        kept, as series() keeps each one."""
+        key = (route, method, status)
+        pair = self._answered.get(key)
+        if pair is None:
+            count = self.series(self.requests, route, method, f"{status // 100}xx")
+            pair = self._answered[key] = count, self.series(self.latency, route)
+        return pair
 
     def count_answer(self, rule: Rule | None, response: Response) -> None:
         """Count what only the answer tells: a busy login, a store error, an introspection."""

@@ -77,5 +77,5 @@ def test_rounds_measure_every_row_at_the_smallest_n_and_ours_alone_at_the_larges
         ("ours", 10), ("peer", 10),
         ("ours", 100), ("peer", 100), ("ours", 100), ("ours", 100),
     ]  # fmt: skip
-    rounds = [(run["sessions"], run.get("round")) for run in results.data["runs"]]
+    rounds = [(kept["sessions"], kept.get("round")) for kept in results.data["runs"]]
     assert rounds[6:] == [(10, None), (10, None), (100, 1), (100, None), (100, 2), (100, 3)]
