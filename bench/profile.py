@@ -44,6 +44,7 @@ def environ(method: str, path: str, body: bytes = b"", token: str | None = None)
         "REMOTE_ADDR": "127.0.0.1",
         "wsgi.url_scheme": "http",
         "wsgi.input": io.BytesIO(body),
+        "wsgi.input_terminated": True,  # as granian's, which bench/run.py measures
         "wsgi.errors": sys.stderr,
         "CONTENT_LENGTH": str(len(body)),
         "CONTENT_TYPE": "application/json",
