@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import jwt
 import pytest
 import time_machine
+from flask.json.provider import DefaultJSONProvider
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server import create_app
 from web import audit, page_address
@@ -278,11 +281,18 @@ def test_bad_bodies(client, path, data, content_type, status, body):
     assert (response.status_code, response.json) == (status, body)
 
 
+FRAMINGS = ["content-length", "content-length-terminated", "chunked"]
+
+
 def framed(body, framing):
-    """The test client's arguments for a body sent with a Content-Length, or chunked as a
-    server passes one on: no Content-Length, the input terminated."""
+    """The test client's arguments for a body sent with a Content-Length, as the development
+    server passes it on (the input ends nowhere: Werkzeug's stream stops at the length) or as
+    granian does (the input ends with the body); or chunked as a server passes one on: no
+    Content-Length, the input terminated."""
     if framing == "content-length":
         return {"data": body}
+    if framing == "content-length-terminated":
+        return {"data": body, "environ_overrides": {"wsgi.input_terminated": True}}
     return {
         "input_stream": io.BytesIO(body),
         "headers": {"Transfer-Encoding": "chunked"},
@@ -290,7 +300,7 @@ def framed(body, framing):
     }
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", FRAMINGS)
 @pytest.mark.parametrize(("size", "status"), [(64 * 1024, 400), (64 * 1024 + 1, 413)])
 def test_a_body_of_64_kib_is_read_and_one_byte_more_is_413(client, framing, size, status):
     body = b"{" + b" " * (size - 2) + b"}"  # {}: read whole, it lacks its fields
@@ -306,7 +316,7 @@ def test_a_body_of_64_kib_is_read_and_one_byte_more_is_413(client, framing, size
     [("GET", "/me", "application/json"), ("POST", "/login", "text/plain"),
      ("POST", "/introspect", "application/json"), ("GET", "/healthz", None)],
 )  # fmt: skip
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", FRAMINGS)
 def test_any_body_over_64_kib_is_413_on_any_route_whatever_its_type(
     client, method, path, content_type, framing
 ):
@@ -625,6 +635,49 @@ def test_me_fails_closed_when_the_store_is_unreachable():
 def valid_refresh_token():
     """A refresh token signed with the test secrets, from an app with a working store."""
     return AuthActions(create_app(TEST_CONFIG).test_client()).tokens()["refreshToken"]
+
+
+# --- the answers' bytes and headers --------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(value=JSON_VALUES)
+def test_json_answers_are_the_bytes_flask_gives(value):
+    # web.CompactJSON builds its encoder once; what it writes is Flask's, byte for byte.
+    app = create_app(TEST_CONFIG)
+    with app.app_context():
+        ours, flasks = app.json.response(value), DefaultJSONProvider(app).response(value)
+    assert ours.get_data() == flasks.get_data()
+    assert ours.headers == flasks.headers
+
+
+def test_json_answers_in_debug_mode_are_indented_as_flasks():
+    app = create_app(TEST_CONFIG)
+    app.debug = True
+    with app.app_context():
+        ours = app.json.response(id="u1", sessions=[{"current": True}])
+        assert (
+            ours.get_data()
+            == DefaultJSONProvider(app).response(id="u1", sessions=[{"current": True}]).get_data()
+        )
+    assert ours.get_data().startswith(b"{\n  ")
+
+
+def test_answers_without_content_carry_no_type_and_each_header_once(client, auth_actions):
+    tokens = auth_actions.tokens()
+    no_content = [auth_actions.logout(tokens["refreshToken"]), client.get("/favicon.ico")]
+    for response in no_content:  # RFC 9110 §15.3.5: no content, so no type
+        assert response.status_code == 204 and "Content-Type" not in response.headers
+    jwks = client.get("/.well-known/jwks.json")  # a route that says how long to cache
+    for response in [*no_content, jwks, client.post("/token", json=refresh_body(tokens))]:
+        assert response.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+        assert len(response.headers.getlist("Cache-Control")) == 1
+    assert jwks.headers["Cache-Control"] != "no-store"
 
 
 # --- behind a proxy ----------------------------------------------------------------------
