@@ -71,6 +71,7 @@ def test_rounds_measure_every_row_at_the_smallest_n_and_ours_alone_at_the_larges
     args = run.parse_args()
     args.peer_cmd = [("peer", "true")]
     results = run.Results(args)
+    results.plot = False  # drawn after every row of a real run; its own test draws one
     run.measure_rows(args, results)
     assert measured == [
         ("ours", 0), ("peer", 0), ("peer", 0), ("ours", 0), ("ours", 0), ("peer", 0),
@@ -79,3 +80,14 @@ def test_rounds_measure_every_row_at_the_smallest_n_and_ours_alone_at_the_larges
     ]  # fmt: skip
     rounds = [(kept["sessions"], kept.get("round")) for kept in results.data["runs"]]
     assert rounds[6:] == [(10, None), (10, None), (100, 1), (100, None), (100, 2), (100, 3)]
+
+
+def test_the_plot_draws_one_n_as_bars_and_several_as_lines(tmp_path):
+    one_n = [row("ours", 700, 1000), row(report.FLOOR, 1000, 900)]
+    several = one_n + [
+        row("ours", 690, 990, sessions=1000),
+        row(report.FLOOR, 980, 880, sessions=1000),
+    ]
+    for name, runs in (("bars.png", one_n), ("lines.png", several)):
+        report.plot(results(runs), tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
