@@ -54,6 +54,17 @@ class TimedOutBody(io.RawIOBase):
         raise APIError(408, "request_timeout", message)
 
 
+class CutOffBody(io.RawIOBase):
+    """The body of a request whose client stopped sending it: reading it fails, as reading
+    a broken body does under any server (web.read_body answers 400)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise ConnectionResetError("The client stopped sending the request body.")
+
+
 class RSGIServer:
     """An RSGI app that reads the body on the event loop, then runs the WSGI app on a thread."""
 
@@ -67,23 +78,27 @@ class RSGIServer:
 
         if scope.proto != "http":  # a WebSocket: the service has none
             return
+        body: bytes | io.RawIOBase
         try:
             body, complete = await read_body(scope.headers, proto, MAX_BODY)
         except TimeoutError:
-            body, complete = None, False
-        except ProtocolClosed:  # the client left before its body was in: no one to answer
-            return
+            body, complete = TimedOutBody(), False
+        except ProtocolClosed:  # the client stopped sending before its body was in
+            body, complete = CutOffBody(), False
         loop = asyncio.get_running_loop()
         status, headers, content = await loop.run_in_executor(self.pool, self.run, scope, body)
         if not complete:  # what is left of the body must not be read as the next request
             headers.append(("Connection", "close"))
         proto.response_bytes(status, headers, content)
 
-    def run(self, scope: Any, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Call the WSGI app with the body read (None: not in time); return its whole answer."""
+    def run(
+        self, scope: Any, body: bytes | io.RawIOBase
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Call the WSGI app with the body read, or one that fails when read; return its whole
+        answer."""
         environ = wsgi_environ(scope)
         environ["wsgi.input"] = (
-            io.BufferedReader(TimedOutBody()) if body is None else io.BytesIO(body)
+            io.BytesIO(body) if isinstance(body, bytes) else io.BufferedReader(body)
         )
         started: list[Any] = []
         written: list[bytes] = []  # PEP 3333's write(), which Flask never calls

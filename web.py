@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.sansio.response import Response as SansIOResponse
 from werkzeug.serving import WSGIRequestHandler, get_sockaddr, select_address_family
@@ -125,14 +126,20 @@ def read_body() -> bytes:
     # The development server does not, and Werkzeug's stream stops at Content-Length.
     terminated = environ.get("wsgi.input_terminated")
     stream, chunks, size = environ["wsgi.input"] if terminated else request.stream, [], 0
-    while size <= MAX_BODY:
-        chunk = stream.read(MAX_BODY + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    try:
+        while size <= MAX_BODY:
+            chunk = stream.read(MAX_BODY + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (OSError, ValueError):  # the chunked framing broke, or the client went: as Werkzeug
+        raise ClientDisconnected() from None
     if size > MAX_BODY:
         raise body_too_large()
+    if size < (get_content_length(environ) or 0):
+        # RFC 9112 §8: a body that ends before its Content-Length is incomplete, not a body.
+        raise ClientDisconnected()
     body = environ[BODY] = b"".join(chunks)
     return body
 

@@ -455,11 +455,14 @@ def test_production_refuses_the_memory_store_under_a_forking_server(tmp_path):
 # --- bodies and headers, however they are framed -------------------------------------------
 
 
-def raw_request(url, head, body=b""):
-    """Send bytes as they are, for what urllib would refuse to send; return the answer's head."""
+def raw_request(url, head, body=b"", stop_sending=False):
+    """Send bytes as they are, for what urllib would refuse to send; return the answer's head.
+    With stop_sending, the client then says it sends no more (a half-close)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head + b"\r\nHost: x\r\nConnection: close\r\n\r\n" + body)
+        if stop_sending:
+            sock.shutdown(socket.SHUT_WR)
         answer = b""
         while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
             answer += chunk
@@ -494,6 +497,23 @@ def test_a_body_over_64_kib_is_413_however_it_is_framed(any_server):
     assert with_length.split(b"\r\n", 1)[0].split()[1] == b"413"
     small = raw_request(any_server, head + b"\r\nTransfer-Encoding: chunked", chunked(login, 7))
     assert small.split(b"\r\n", 1)[0].split()[1] == b"200"  # chunked itself is fine
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Transfer-Encoding: chunked", b"zz\r\nnot a chunk size\r\n0\r\n\r\n"),
+        (b"Transfer-Encoding: chunked", b"-30\r\n" + b"x" * 30 + b"\r\n0\r\n\r\n"),
+        (b"Content-Length: 500", json.dumps(DEMO).encode()),  # then the client stops
+    ],
+    ids=["chunk-size-not-hex", "chunk-size-negative", "shorter-than-its-length"],
+)
+def test_a_body_broken_off_is_400_never_500(any_server, framing, body):
+    # RFC 9112 §7.1 and §8: a broken or incomplete body is not a body, whoever reads it:
+    # the server's own 400, or the app's in the JSON shape, never a 500.
+    head = b"POST /login HTTP/1.1\r\nContent-Type: application/json\r\n" + framing
+    answer = raw_request(any_server, head, body, stop_sending=True)
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400", answer
 
 
 def test_no_answer_names_a_version(any_server):

@@ -13,6 +13,8 @@ import time_machine
 from flask.json.provider import DefaultJSONProvider
 from hypothesis import given
 from hypothesis import strategies as st
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Response
 
 from server import create_app
 from web import audit, page_address
@@ -309,6 +311,37 @@ def test_a_body_of_64_kib_is_read_and_one_byte_more_is_413(client, framing, size
     assert response.json["error"] == (
         "invalid_field" if status == 400 else "request_entity_too_large"
     )
+
+
+class BrokenInput(io.RawIOBase):
+    """A server's input that fails mid-body, as a chunked body with broken framing does in
+    Werkzeug's development server (its DechunkedInput raises OSError)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        raise OSError("Invalid chunk header")
+
+
+@pytest.mark.parametrize(
+    ("stream", "length"),
+    [
+        (lambda: io.BufferedReader(BrokenInput()), "10"),
+        (lambda: io.BytesIO(json.dumps(DEMO).encode()), "500"),
+    ],
+    ids=["broken-chunks", "shorter-than-its-length"],
+)
+@pytest.mark.parametrize("terminated", [True, False], ids=["server-ends-input", "werkzeug-ends"])
+def test_a_body_broken_off_is_400_never_500(app, stream, length, terminated):
+    # RFC 9112 §7.1 and §8: a body whose framing breaks, or that ends before its
+    # Content-Length, is incomplete: answered as Werkzeug's own stream answers it.
+    environ = EnvironBuilder("/login", method="POST", content_type="application/json").get_environ()
+    environ |= {"wsgi.input": stream(), "CONTENT_LENGTH": length}
+    if terminated:
+        environ["wsgi.input_terminated"] = True
+    response = Response.from_app(app, environ)
+    assert (response.status_code, response.json["error"]) == (400, "bad_request")
 
 
 @pytest.mark.parametrize(
