@@ -70,7 +70,7 @@ def refuse_large_bodies() -> None:
     that reads no body would otherwise answer as if it had none. A chunked body has no
     length to tell, so it is read here (read_body keeps it for the route)."""
     environ = request.environ
-    if (get_content_length(environ) or 0) > MAX_BODY:  # request.content_length, sooner
+    if (get_content_length(environ) or 0) > MAX_BODY:  # request.content_length, from the environ
         raise body_too_large()
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         read_body()
@@ -121,9 +121,10 @@ def read_body() -> bytes:
     environ = request.environ
     if (body := environ.get(BODY)) is not None:
         return body  # read before the route (refuse_large_bodies)
-    # A server that ends the body itself (granian) hands over its own stream: this loop
-    # bounds it, as the LimitedStream Werkzeug would wrap it in does, for a fraction of the cost.
-    # The development server does not, and Werkzeug's stream stops at Content-Length.
+    # A server that ends the body itself (granian always, the development server a chunked
+    # one) hands over its own stream: this loop bounds it, as the LimitedStream Werkzeug would
+    # wrap it in does, for a fraction of the cost. Otherwise Werkzeug's stream stops at the
+    # Content-Length.
     terminated = environ.get("wsgi.input_terminated")
     stream, chunks, size = environ["wsgi.input"] if terminated else request.stream, [], 0
     try:
