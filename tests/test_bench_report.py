@@ -1,5 +1,7 @@
 """The benchmark's report: each target from the rows this run measured, medians of rounds."""
 
+import pytest
+
 from bench import report
 
 
@@ -83,6 +85,7 @@ def test_rounds_measure_every_row_at_the_smallest_n_and_ours_alone_at_the_larges
 
 
 def test_the_plot_draws_one_n_as_bars_and_several_as_lines(tmp_path):
+    pytest.importorskip("matplotlib")  # bench/requirements.txt's, not the test suite's
     one_n = [row("ours", 700, 1000), row(report.FLOOR, 1000, 900)]
     several = one_n + [
         row("ours", 690, 990, sessions=1000),
